@@ -1,0 +1,1 @@
+"""stas-jax: STAS (spatio-temporal adaptive computation time) for spiking transformers in JAX."""
