@@ -1,0 +1,171 @@
+"""ACT token halting over the (timestep, block) grid: scores, accumulation, readout, losses.
+
+Pure functions (spec sections 5-6); the model threads `HaltState` through its two scans.
+"""
+from typing import NamedTuple, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODES = ('none', 'spatial', 'temporal', 'spatiotemporal')
+
+
+class HaltState(NamedTuple):
+  """Per-token halting carry.
+
+  Attributes:
+    c: cumulative halting score (B, N).
+    r: remainder R, starts at 1 (B, N).
+    rho: ponder cost (B, N).
+    out: halting-weighted output accumulator (B, N, D).
+    mask: 1 while the token is processed, 0 once halted (B, N).
+  """
+  c: jax.Array
+  r: jax.Array
+  rho: jax.Array
+  out: jax.Array
+  mask: jax.Array
+
+
+def init_state(batch: int, tokens: int, dim: int, dtype=jnp.float32) -> HaltState:
+  """Fresh state: nothing accumulated, every token active."""
+  zeros = jnp.zeros((batch, tokens), dtype)
+  ones = jnp.ones((batch, tokens), dtype)
+  return HaltState(c=zeros, r=ones, rho=zeros, out=jnp.zeros((batch, tokens, dim), dtype),
+                   mask=ones)
+
+
+def halting_score(z: jax.Array, gamma, beta, channel: int) -> jax.Array:
+  """h = sigmoid(gamma * z[..., channel] + beta); z (B, N, D) -> (B, N)."""
+  return jax.nn.sigmoid(gamma * z[..., channel] + beta)
+
+
+def hard_mask(c: jax.Array, eps: float) -> jax.Array:
+  """1 for tokens whose cumulative score is still below 1 - eps."""
+  return (c < 1.0 - eps).astype(c.dtype)
+
+
+def soft_mask(c: jax.Array, eps: float, temperature: float) -> jax.Array:
+  """Differentiable relaxation of `hard_mask`; tends to it as temperature -> 0."""
+  return jax.nn.sigmoid((1.0 - eps - c) / temperature)
+
+
+def act_step(state: HaltState, z: jax.Array, h: jax.Array, eps: float,
+             soft_temperature: float = 0.0) -> Tuple[HaltState, jax.Array]:
+  """One ACT accumulation at a grid cell (spec section 5, step 3).
+
+  Tokens still active add h to c. Those that reach 1 - eps now contribute their remainder R
+  (ACT weight R, ponder += R); the others contribute h (ponder += 1) and R -= h.
+
+  Args:
+    state: carry before this cell.
+    z: block output at this cell (B, N, D).
+    h: halting score at this cell (B, N); 1 forces every active token to halt.
+    eps: ACT epsilon.
+    soft_temperature: 0 for the hard mask (stop-gradient); > 0 for the soft relaxation.
+
+  Returns:
+    (new state, ACT weight (B, N) given to z at this cell).
+  """
+  m = state.mask
+  c = state.c + m * h
+  if soft_temperature > 0:
+    still = soft_mask(c, eps, soft_temperature)
+  else:
+    still = hard_mask(c, eps)
+  reached = 1.0 - still
+  weight = m * (reached * state.r + still * h)
+  out = state.out + z * weight[..., None]
+  rho = state.rho + m * (reached * state.r + still)
+  r = state.r - m * still * h
+  new_mask = m * still
+  if soft_temperature <= 0:
+    new_mask = jax.lax.stop_gradient(new_mask)
+  return HaltState(c=c, r=r, rho=rho, out=out, mask=new_mask), weight
+
+
+def reset_for_timestep(state: HaltState) -> HaltState:
+  """Spatial mode: each timestep starts a fresh ACT over the blocks; output and ponder persist."""
+  fresh = jnp.zeros_like(state.c)
+  return state._replace(c=fresh, r=jnp.ones_like(state.r), mask=jnp.ones_like(state.mask))
+
+
+def readout(out: jax.Array) -> jax.Array:
+  """Token mean of the accumulated output: (B, N, D) -> (B, D)."""
+  return jnp.mean(out, axis=1)
+
+
+def scoring_cells(mode: str, timesteps: int, depth: int) -> np.ndarray:
+  """(T, L) static bool array: the cells at which a mode computes a halting score."""
+  if mode not in MODES:
+    raise ValueError(f'unknown halting mode {mode!r}; choose one of {MODES}')
+  if mode in ('spatial', 'spatiotemporal'):
+    return np.ones((timesteps, depth), bool)
+  # temporal scores after the last block; none takes its output there
+  cells = np.zeros((timesteps, depth), bool)
+  cells[:, -1] = True
+  return cells
+
+
+def ponder_loss(rho: jax.Array, timesteps: int, depth: int) -> jax.Array:
+  """mean(rho) / (T * L): the ponder cost normalised to the grid size."""
+  return jnp.mean(rho) / (timesteps * depth)
+
+
+def gaussian_target(num_cells: int, centre: float, sigma: float) -> jax.Array:
+  """Normalised Gaussian over the cell index 0..num_cells-1, centred at centre * num_cells."""
+  idx = jnp.arange(num_cells, dtype=jnp.float32)
+  mu = centre * num_cells
+  g = jnp.exp(-0.5 * ((idx - mu) / sigma) ** 2)
+  return g / jnp.sum(g)
+
+
+def halting_distribution(cell_weights: jax.Array, cells: jax.Array) -> jax.Array:
+  """Batch-and-token mean of the per-cell ACT mass over the scoring cells, normalised, clipped.
+
+  Args:
+    cell_weights: ACT weight per cell (T, L, B, N).
+    cells: (T, L) static bool scoring cells (see `scoring_cells`).
+
+  Returns:
+    p over the scoring cells in raster order, shape (num scoring cells,).
+  """
+  per_cell = jnp.mean(cell_weights, axis=(2, 3)).reshape(-1)
+  p = per_cell[np.flatnonzero(np.asarray(cells))]
+  p = p / jnp.maximum(jnp.sum(p), 1e-12)
+  return jnp.clip(p, 0.01, 0.99)
+
+
+def distribution_prior_loss(cell_weights: jax.Array, cells: np.ndarray, centre: float,
+                            sigma: float) -> jax.Array:
+  """KL(target || p) between the Gaussian prior and the halting distribution."""
+  p = halting_distribution(cell_weights, cells)
+  target = gaussian_target(p.shape[0], centre, sigma)
+  return jnp.sum(target * (jnp.log(jnp.maximum(target, 1e-12)) - jnp.log(p)))
+
+
+def temporal_similarity(block_inputs: jax.Array, active: jax.Array = None) -> jax.Array:
+  """Per block, mean cosine similarity of block inputs between consecutive timesteps.
+
+  The paper's Fig. 2(e) quantity: I-SPS makes the encoder input identical across time.
+
+  Args:
+    block_inputs: (T, L, B, N, D) inputs of each block at each timestep.
+    active: optional (T, L, B, N) mask; only tokens active at both steps count.
+
+  Returns:
+    (L, T - 1) mean cosine similarity between step t and t + 1, per block.
+  """
+  a, b = block_inputs[:-1], block_inputs[1:]
+  dot = jnp.sum(a * b, axis=-1)
+  na = jnp.linalg.norm(a, axis=-1)
+  nb = jnp.linalg.norm(b, axis=-1)
+  both_zero = (na == 0) & (nb == 0)
+  cos = jnp.where(both_zero, 1.0, dot / jnp.maximum(na * nb, 1e-12))
+  if active is None:
+    w = jnp.ones(cos.shape, cos.dtype)
+  else:
+    w = active[:-1] * active[1:]
+  sim = jnp.sum(cos * w, axis=(2, 3)) / jnp.maximum(jnp.sum(w, axis=(2, 3)), 1.0)
+  return sim.T

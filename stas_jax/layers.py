@@ -1,0 +1,198 @@
+"""Flax modules of the spiking backbone: spiking patch splitting (SPS / I-SPS) and the SSA block.
+
+Parameter names follow the PyTorch Spikformer state_dict (proj_conv1, q_linear, fc2_bn, ...), so
+`stas_jax.convert` maps checkpoints one to one. Shapes: B batch, T timesteps, N tokens, D dim.
+"""
+from typing import Dict, Optional, Tuple
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from stas_jax import neurons
+from stas_jax.model_config import ModelSpec
+
+# PyTorch's default conv init (kaiming_uniform with a = sqrt(5)) is U(-1/sqrt(fan_in), +).
+conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+# Spikformer initialises every nn.Linear with trunc_normal(std=0.02) and zero bias.
+dense_init = nn.initializers.truncated_normal(stddev=0.02)
+
+SPS_LIFS = ('proj_lif', 'proj_lif1', 'proj_lif2', 'proj_lif3', 'rpe_lif')
+BLOCK_LIFS = ('q_lif', 'k_lif', 'v_lif', 'attn_lif', 'proj_lif', 'fc1_lif', 'fc2_lif')
+
+
+def _dtype(spec: ModelSpec):
+  return jnp.bfloat16 if spec.dtype == 'bfloat16' else jnp.float32
+
+
+def batch_norm(spec: ModelSpec, name: str, axis_name: Optional[str]) -> nn.BatchNorm:
+  return nn.BatchNorm(momentum=spec.bn_momentum, epsilon=spec.bn_epsilon, axis_name=axis_name,
+                      dtype=jnp.float32, name=name)
+
+
+def max_pool(x: jax.Array) -> jax.Array:
+  """MaxPool2d(kernel 3, stride 2, padding 1) on NHWC (padding never wins: pads are -inf)."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def multistep_lif(x: jax.Array, steps: int, p: neurons.LIFParams) -> jax.Array:
+  """LIF over time folded into the batch: x (steps * B, ...) -> spikes of the same shape."""
+  seq = x.reshape((steps, x.shape[0] // steps) + x.shape[1:])
+  s, _ = neurons.lif_multistep(seq.astype(jnp.float32), p)
+  return s.reshape(x.shape)
+
+
+class SPS(nn.Module):
+  """Spiking patch splitting: four conv-BN-LIF stages with max-pools, then the conv RPE.
+
+  `stem` (conv0 + BN0) runs once on the static image: repeating it over T, as the reference
+  does, gives the same values. `tail` runs the remaining stages on spikes with time folded into
+  the batch (`steps` = T), or once (`steps` = 1) on the I-SPS integrated map.
+  """
+  spec: ModelSpec
+  bn_axis_name: Optional[str] = None
+
+  def setup(self):
+    s = self.spec
+    c = s.sps_channels
+    dt = _dtype(s)
+    conv = lambda f, name: nn.Conv(f, (3, 3), padding=1, use_bias=False, kernel_init=conv_init,
+                                   dtype=dt, name=name)
+    self.proj_conv = conv(c[0], 'proj_conv')
+    self.proj_bn = batch_norm(s, 'proj_bn', self.bn_axis_name)
+    self.proj_conv1 = conv(c[1], 'proj_conv1')
+    self.proj_bn1 = batch_norm(s, 'proj_bn1', self.bn_axis_name)
+    self.proj_conv2 = conv(c[2], 'proj_conv2')
+    self.proj_bn2 = batch_norm(s, 'proj_bn2', self.bn_axis_name)
+    self.proj_conv3 = conv(c[3], 'proj_conv3')
+    self.proj_bn3 = batch_norm(s, 'proj_bn3', self.bn_axis_name)
+    self.rpe_conv = conv(c[3], 'rpe_conv')
+    self.rpe_bn = batch_norm(s, 'rpe_bn', self.bn_axis_name)
+
+  def _pool_after(self, stage: int) -> bool:
+    # patch_size = 2 ** pools, placed on the last stages (cifar: 2 and 3; imagenet: all four).
+    return stage >= 4 - self.spec.num_pools
+
+  def stem(self, images: jax.Array, train: bool) -> jax.Array:
+    """conv0 + BN0 on the analog image (B, H, W, C) -> input current (B, H, W, D/8)."""
+    y = self.proj_conv(images)
+    return self.proj_bn(y, use_running_average=not train).astype(jnp.float32)
+
+  def first_spikes(self, current: jax.Array) -> jax.Array:
+    """LIF0 over T on the constant current: (B, H, W, C0) -> spikes (T, B, H, W, C0)."""
+    seq = jnp.broadcast_to(current, (self.spec.timesteps,) + current.shape)
+    s, _ = neurons.lif_multistep(seq, self.spec.lif())
+    return s
+
+  def pool0(self, s0: jax.Array) -> jax.Array:
+    return max_pool(s0) if self._pool_after(0) else s0
+
+  def tail(self, x: jax.Array, steps: int, train: bool) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """Stages 1-3 and the RPE on the (pooled) stage-0 output.
+
+    Args:
+      x: stage-0 spikes after its optional pool, (steps * B, h, w, D/8), time-major.
+      steps: how many timesteps are folded into the leading axis (T, or 1 for I-SPS).
+      train: batch statistics (True) or running averages.
+
+    Returns:
+      tokens (steps * B, N, D) with values in {0, 1, 2}, and per-image aux sums: the input
+      sum of every conv after conv0 (`conv1_in` ... `rpe_in`) and the spikes of LIF1-3 and RPE.
+    """
+    lif = self.spec.lif()
+    batch = x.shape[0] // steps
+    per_image = lambda a: jnp.sum(a.reshape((steps, batch, -1)), axis=(0, 2))
+    aux = {}
+    stages = ((self.proj_conv1, self.proj_bn1, 'proj_lif1', 'conv1_in'),
+              (self.proj_conv2, self.proj_bn2, 'proj_lif2', 'conv2_in'),
+              (self.proj_conv3, self.proj_bn3, 'proj_lif3', 'conv3_in'))
+    for i, (conv, bn, lif_name, in_name) in enumerate(stages, start=1):
+      aux[in_name] = per_image(x)
+      y = bn(conv(x), use_running_average=not train)
+      x = multistep_lif(y, steps, lif)
+      aux[lif_name] = per_image(x)
+      if self._pool_after(i):
+        x = max_pool(x)
+    feat = x
+    aux['rpe_in'] = per_image(feat)
+    y = self.rpe_bn(self.rpe_conv(feat), use_running_average=not train)
+    rpe = multistep_lif(y, steps, lif)
+    aux['rpe_lif'] = per_image(rpe)
+    tokens = einops.rearrange(rpe + feat, 'b h w d -> b (h w) d')
+    return tokens, aux
+
+
+class SSABlock(nn.Module):
+  """One Spikformer block at one timestep, with halted tokens masked out as dense multiplies.
+
+  Masked tokens (mask 0) have their Q, K, V spikes zeroed (they neither attend nor are
+  attended), their LIF membranes frozen and their residual updates zeroed; BatchNorm batch
+  statistics count active tokens only.
+  """
+  spec: ModelSpec
+  train: bool = False
+  bn_axis_name: Optional[str] = None
+
+  def _dense(self, features: int, name: str, bias: bool = True) -> nn.Dense:
+    return nn.Dense(features, use_bias=bias, kernel_init=dense_init, dtype=_dtype(self.spec),
+                    name=name)
+
+  def _lin_bn_lif(self, x, mask, membrane, features, prefix, p, bias=True):
+    y = self._dense(features, f'{prefix}_linear', bias)(x)
+    y = batch_norm(self.spec, f'{prefix}_bn', self.bn_axis_name)(
+        y, use_running_average=not self.train, mask=mask > 0 if self.train else None)
+    return neurons.lif_step_masked(membrane, y.astype(jnp.float32), mask, p)
+
+  @nn.compact
+  def __call__(self, z: jax.Array, mask: jax.Array,
+               mem: Dict[str, jax.Array]) -> Tuple[jax.Array, Dict, Dict]:
+    """Runs the block.
+
+    Args:
+      z: block input (B, N, D), small non-negative integers.
+      mask: (B, N) in [0, 1]; 1 = token processed.
+      mem: LIF membranes by name (`BLOCK_LIFS`), each (B, N, width).
+
+    Returns:
+      (z_out (B, N, D), new membranes, per-image stats (B,) for energy and firing rates).
+    """
+    s = self.spec
+    lif, attn_lif = s.lif(), s.attn_lif()
+    m = mask[..., None]
+    new = {}
+    stats = {'x_in': jnp.sum(z * m, axis=(1, 2))}
+    new['q_lif'], q = self._lin_bn_lif(z, m, mem['q_lif'], s.dim, 'q', lif, s.qkv_bias)
+    new['k_lif'], k = self._lin_bn_lif(z, m, mem['k_lif'], s.dim, 'k', lif, s.qkv_bias)
+    new['v_lif'], v = self._lin_bn_lif(z, m, mem['v_lif'], s.dim, 'v', lif, s.qkv_bias)
+    heads = lambda a: einops.rearrange(a, 'b n (h d) -> b h n d', h=s.heads)
+    qh, kh, vh = heads(q), heads(k), heads(v)
+    # No softmax, so (Q K^T) V = Q (K^T V); take the cheaper order. Spike products are exact
+    # integers and the scale is a power of two, so both orders give identical values.
+    if s.num_tokens > s.head_dim:
+      kv = jnp.einsum('bhmd,bhme->bhde', kh, vh)
+      y = jnp.einsum('bhnd,bhde->bhne', qh, kv) * s.attn_scale
+    else:
+      attn = jnp.einsum('bhnd,bhmd->bhnm', qh, kh) * s.attn_scale
+      y = jnp.einsum('bhnm,bhmd->bhnd', attn, vh)
+    y = einops.rearrange(y, 'b h n d -> b n (h d)')
+    new['attn_lif'], a = neurons.lif_step_masked(mem['attn_lif'], y, m, attn_lif)
+    new['proj_lif'], proj = self._lin_bn_lif(a, m, mem['proj_lif'], s.dim, 'proj', lif)
+    z_mid = z + m * proj
+    new['fc1_lif'], h1 = self._lin_bn_lif(z_mid, m, mem['fc1_lif'], s.hidden_dim, 'fc1', lif)
+    new['fc2_lif'], h2 = self._lin_bn_lif(h1, m, mem['fc2_lif'], s.dim, 'fc2', lif)
+    z_out = z_mid + m * h2
+    # Sum of the Q K^T map (for the energy of (Q K^T) V) without materialising it.
+    qk_sum = jnp.einsum('bhd,bhd->b', jnp.sum(qh, axis=2), jnp.sum(kh, axis=2))
+    stats.update(q_lif=jnp.sum(q, (1, 2)), k_lif=jnp.sum(k, (1, 2)), v_lif=jnp.sum(v, (1, 2)),
+                 qk_map=qk_sum, attn_lif=jnp.sum(a, (1, 2)), proj_lif=jnp.sum(proj, (1, 2)),
+                 x_mid=jnp.sum(z_mid * m, axis=(1, 2)), fc1_lif=jnp.sum(h1, (1, 2)),
+                 fc2_lif=jnp.sum(h2, (1, 2)))
+    return z_out, new, stats
+
+
+def block_membranes(spec: ModelSpec, batch: int) -> Dict[str, jax.Array]:
+  """Zero (reset) membranes of every LIF in one block, keyed like `BLOCK_LIFS`."""
+  n, d, hid = spec.num_tokens, spec.dim, spec.hidden_dim
+  width = {'fc1_lif': hid}
+  return {k: jnp.zeros((batch, n, width.get(k, d)), jnp.float32) for k in BLOCK_LIFS}

@@ -1,0 +1,206 @@
+"""The STAS network: (I-)SPS patch embedding, encoder scanned over timesteps and blocks with
+token halting, readout and head. `create_model(config.model)` is the entry point.
+"""
+from typing import Any, Dict, Optional, Tuple
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from stas_jax import halting
+from stas_jax import layers
+from stas_jax.model_config import ModelSpec, spec_from_config
+
+
+class EncoderCell(nn.Module):
+  """Grid cell (t, l): block l at timestep t, then the halting update for the mode.
+
+  Scanned over blocks (params stacked on a leading depth axis). Carry: (z, halt state, t,
+  gamma, beta); scanned input: (membranes of block l, l).
+  """
+  spec: ModelSpec
+  train: bool = False
+  capture: bool = False
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, carry, xs):
+    z, hs, t, gamma, beta = carry
+    mem, l = xs
+    s = self.spec
+    hp = s.halt
+    active = hs.mask
+    z_out, mem, stats = layers.SSABlock(s, self.train, self.bn_axis_name, name='block')(
+        z, active, mem)
+    last_block = l == s.depth - 1
+    last_cell = last_block & (t == s.timesteps - 1)
+    temperature = hp.soft_temperature if hp.soft_mask else 0.0
+    if hp.mode == 'none':
+      weight = jnp.broadcast_to(last_block / s.timesteps, active.shape).astype(z.dtype)
+      hs = hs._replace(out=hs.out + z_out * weight[..., None], rho=hs.rho + active)
+    else:
+      h = halting.halting_score(z_out, gamma, beta, hp.channel)
+      if hp.mode == 'spatiotemporal':
+        h = jnp.where(last_cell, 1.0, h)
+        hs, weight = halting.act_step(hs, z_out, h, hp.eps, temperature)
+      elif hp.mode == 'spatial':
+        # A fresh ACT over the blocks of every timestep; its outputs are averaged over time.
+        h = jnp.where(last_block, 1.0, h)
+        hs, weight = halting.act_step(hs, z_out / s.timesteps, h, hp.eps, temperature)
+      else:  # temporal: scored once per timestep, after the last block
+        h = jnp.where(last_cell, 1.0, h)
+        new_hs, new_weight = halting.act_step(hs, z_out, h, hp.eps, temperature)
+        hs = jax.tree.map(lambda a, b: jnp.where(last_block, a, b), new_hs, hs)
+        weight = jnp.where(last_block, new_weight, 0.0)
+    ys = {'active': active, 'weight': weight, 'stats': stats}
+    if self.capture:
+      ys['z_in'] = z
+      ys['z_out'] = z_out
+    return (z_out, hs, t, gamma, beta), (mem, ys)
+
+
+class Encoder(nn.Module):
+  """Scans `EncoderCell` over blocks (inner) and timesteps (outer): raster order of (t, l)."""
+  spec: ModelSpec
+  train: bool = False
+  capture: bool = False
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, u: jax.Array, gamma, beta) -> Tuple[halting.HaltState, Dict[str, Any]]:
+    """Args: u (T, B, N, D) encoder input per timestep. Returns final halt state and (T, L) aux."""
+    s = self.spec
+    batch = u.shape[1]
+    cell = nn.remat(EncoderCell) if s.remat else EncoderCell
+    blocks = nn.scan(cell, variable_axes={'params': 0, 'batch_stats': 0},
+                     split_rngs={'params': True}, in_axes=0, out_axes=0,
+                     length=s.depth)(s, self.train, self.capture, self.bn_axis_name, name='blocks')
+
+    def time_step(mdl, carry, xs):
+      mem, hs = carry
+      u_t, t = xs
+      if s.halt.mode == 'spatial':
+        hs = halting.reset_for_timestep(hs)
+      cell_carry = (u_t, hs, t, gamma, beta)
+      (_, hs, _, _, _), (mem, ys) = mdl(cell_carry, (mem, jnp.arange(s.depth)))
+      return (mem, hs), ys
+
+    one_block = layers.block_membranes(s, batch)
+    mem0 = jax.tree.map(lambda a: jnp.broadcast_to(a, (s.depth,) + a.shape), one_block)
+    hs0 = halting.init_state(batch, s.num_tokens, s.dim)
+    ts = jnp.arange(s.timesteps)
+    if self.is_initializing():
+      # Create params and batch_stats before the time scan, whose carry must keep its structure.
+      time_step(blocks, (mem0, hs0), (u[0], ts[0]))
+    # Training updates the running statistics at every timestep, so they are carried; in eval
+    # they are read-only, and carrying an immutable collection breaks the scan's carry structure.
+    if self.train:
+      collections = dict(variable_broadcast='params', variable_carry='batch_stats')
+    else:
+      collections = dict(variable_broadcast=['params', 'batch_stats'])
+    scan_time = nn.scan(time_step, split_rngs={'params': False}, in_axes=0, out_axes=0,
+                        length=s.timesteps, **collections)
+    (_, hs), ys = scan_time(blocks, (mem0, hs0), (u, ts))
+    return hs, ys
+
+
+class STAS(nn.Module):
+  """Spikformer backbone with I-SPS and A-SSA halting; Spikformer itself with sps + mode none.
+
+  `__call__(images, train=False, capture=False)` takes NHWC float32 images and returns
+  `(logits, aux)`. aux keys:
+    active (T, L, B, N): mask in effect when block l ran at timestep t.
+    cell_weight (T, L, B, N): ACT weight each cell's output got in the readout.
+    ponder (B, N): ponder cost rho.
+    halt_loss_terms: {'ponder': scalar, 'distribution': scalar}.
+    block_stats: {name: (T, L, B)} input sums and spike counts per block layer.
+    sps_stats: {name: (B,)} input sums and spike counts of the patch embedding.
+    embed (T, B, N, D): encoder input per timestep.
+    with capture=True also block_inputs / block_outputs (T, L, B, N, D).
+  """
+  spec: ModelSpec
+  bn_axis_name: Optional[str] = None
+
+  def _check_images(self, images: jax.Array):
+    s = self.spec
+    want = (s.image_size, s.image_size, s.in_channels)
+    if images.ndim != 4 or tuple(images.shape[1:]) != want:
+      raise ValueError(
+          f'images must be NHWC with (H, W, C) = {want} for this model config, got shape '
+          f'{tuple(images.shape)}; set model.image_size / model.in_channels to match the data '
+          '(or resize the images)')
+
+  def embed(self, images: jax.Array, train: bool) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """Patch embedding: (B, H, W, C) -> encoder input (T, B, N, D) and its aux sums."""
+    s = self.spec
+    sps = layers.SPS(s, self.bn_axis_name, name='patch_embed')
+    batch, steps = images.shape[0], s.timesteps
+    s0 = sps.first_spikes(sps.stem(images, train))              # (T, B, H, W, C0)
+    aux = {'proj_lif': jnp.sum(s0, axis=(0, 2, 3, 4)),
+           'image_pixels': jnp.full((batch,), images.shape[1] * images.shape[2], jnp.float32)}
+    isps_first = s.patch_embed == 'isps' and s.isps.integrate_at == 'first_lif'
+    if isps_first:
+      m = jnp.sum(s0, 0) if s.isps.reduce == 'sum' else jnp.mean(s0, 0)
+      tokens, tail_aux = sps.tail(sps.pool0(m), 1, train)      # (B, N, D), run once
+      u = jnp.broadcast_to(tokens, (steps,) + tokens.shape)
+    else:
+      x0 = sps.pool0(s0.reshape((steps * batch,) + s0.shape[2:]))
+      tokens, tail_aux = sps.tail(x0, steps, train)
+      u = tokens.reshape((steps, batch) + tokens.shape[1:])
+      if s.patch_embed == 'isps':  # integrate_at == 'sps_output': average the SPS output over T
+        u = jnp.broadcast_to(jnp.mean(u, 0), u.shape)
+    aux.update(tail_aux)
+    return u, aux
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False, capture: bool = False):
+    s = self.spec
+    self._check_images(images)
+    u, sps_aux = self.embed(images, train)
+    chex.assert_shape(u, (s.timesteps, images.shape[0], s.num_tokens, s.dim))
+    hp = s.halt
+    if hp.learnable:
+      gamma = self.param('halt_gamma', nn.initializers.constant(hp.gamma), ())
+      beta = self.param('halt_beta', nn.initializers.constant(hp.beta), ())
+    else:
+      gamma, beta = jnp.float32(hp.gamma), jnp.float32(hp.beta)
+    hs, ys = Encoder(s, train, capture, self.bn_axis_name, name='encoder')(u, gamma, beta)
+    feat = halting.readout(hs.out)
+    logits = nn.Dense(s.num_classes, kernel_init=layers.dense_init, name='head')(feat)
+    cells = halting.scoring_cells(hp.mode, s.timesteps, s.depth)
+    aux = {
+        'active': ys['active'],
+        'cell_weight': ys['weight'],
+        'ponder': hs.rho,
+        'halt_loss_terms': {
+            'ponder': halting.ponder_loss(hs.rho, s.timesteps, s.depth),
+            'distribution': halting.distribution_prior_loss(
+                ys['weight'], cells, hp.target_cell, hp.target_sigma),
+        },
+        'block_stats': ys['stats'],
+        'sps_stats': sps_aux,
+        'embed': u,
+    }
+    if capture:
+      aux['block_inputs'] = ys['z_in']
+      aux['block_outputs'] = ys['z_out']
+    return logits, aux
+
+
+def create_model(model_config, *, bn_axis_name: Optional[str] = None) -> STAS:
+  """Builds the network from `config.model` (ConfigDict, dict or ModelSpec).
+
+  Args:
+    model_config: the model group of a config.
+    bn_axis_name: collective axis for cross-replica BatchNorm (train_lib passes 'batch' under
+      pmap when `model.bn_cross_replica` is set); None keeps per-device statistics.
+  """
+  return STAS(spec_from_config(model_config), bn_axis_name=bn_axis_name)
+
+
+def init_variables(model: STAS, rng: jax.Array, batch_size: int = 1) -> Dict[str, Any]:
+  """Initial {'params', 'batch_stats'} from a zero batch of the model's image shape."""
+  s = model.spec
+  images = jnp.zeros((batch_size, s.image_size, s.image_size, s.in_channels), jnp.float32)
+  return dict(jax.jit(lambda r: model.init(r, images, train=False))(rng))

@@ -1,0 +1,168 @@
+"""Typed, validated view of the `model` config group, hashable so Flax modules can hold it.
+
+`spec_from_config` turns the ml_collections `config.model` into a frozen `ModelSpec` and rejects
+unknown keys and impossible values with a message that says what is allowed.
+"""
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from stas_jax import halting
+from stas_jax import neurons
+
+GEOMETRIES = ('cifar', 'imagenet')
+PATCH_EMBEDS = ('sps', 'isps')
+ISPS_REDUCES = ('mean', 'sum')
+ISPS_INTEGRATE_AT = ('first_lif', 'sps_output')
+DTYPES = ('float32', 'bfloat16')
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuronSpec:
+  tau: float = 2.0
+  v_threshold: float = 1.0
+  attn_v_threshold: float = 0.5
+  v_reset: float = 0.0
+  surrogate: str = 'sigmoid'
+  alpha: float = 4.0
+  detach_reset: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ISPSSpec:
+  reduce: str = 'mean'
+  integrate_at: str = 'first_lif'
+
+
+@dataclasses.dataclass(frozen=True)
+class HaltSpec:
+  mode: str = 'none'
+  eps: float = 0.01
+  channel: int = 0
+  gamma: float = 1.0
+  beta: float = -3.0
+  learnable: bool = False
+  soft_mask: bool = False
+  soft_temperature: float = 0.05
+  target_cell: float = 0.75
+  target_sigma: float = 1.0
+  alpha_p: float = 5e-4
+  alpha_d: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Everything the network's shape and dynamics depend on (spec sections 2-5)."""
+  geometry: str = 'cifar'
+  image_size: int = 32
+  in_channels: int = 3
+  num_classes: int = 10
+  patch_size: int = 4
+  dim: int = 384
+  depth: int = 4
+  heads: int = 12
+  mlp_ratio: int = 4
+  timesteps: int = 4
+  patch_embed: str = 'sps'
+  attn_scale: float = 0.125
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  bn_cross_replica: bool = False
+  dtype: str = 'float32'
+  remat: bool = False
+  neuron: NeuronSpec = NeuronSpec()
+  isps: ISPSSpec = ISPSSpec()
+  halt: HaltSpec = HaltSpec()
+
+  @property
+  def num_pools(self) -> int:
+    return int(round(math.log2(self.patch_size)))
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid_size ** 2
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.heads
+
+  @property
+  def hidden_dim(self) -> int:
+    return int(self.dim * self.mlp_ratio)
+
+  @property
+  def qkv_bias(self) -> bool:
+    # The reference's CIFAR blocks use nn.Linear (bias); ImageNet's use bias-free Conv1d for q, k, v.
+    return self.geometry == 'cifar'
+
+  @property
+  def sps_channels(self):
+    d = self.dim
+    return (d // 8, d // 4, d // 2, d)
+
+  def lif(self) -> neurons.LIFParams:
+    n = self.neuron
+    return neurons.LIFParams(tau=n.tau, v_threshold=n.v_threshold, v_reset=n.v_reset,
+                             surrogate=n.surrogate, alpha=n.alpha, detach_reset=n.detach_reset)
+
+  def attn_lif(self) -> neurons.LIFParams:
+    return dataclasses.replace(self.lif(), v_threshold=self.neuron.attn_v_threshold)
+
+
+def _check_keys(cls, values: Mapping[str, Any], where: str):
+  allowed = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - allowed)
+  if unknown:
+    raise ValueError(f'unknown key(s) {unknown} in {where}; allowed keys: {sorted(allowed)}')
+
+
+def _choice(value, allowed, key):
+  if value not in allowed:
+    raise ValueError(f'{key}={value!r} is not valid; choose one of {allowed}')
+
+
+def spec_from_config(cfg) -> ModelSpec:
+  """Builds a validated `ModelSpec` from `config.model` (a ConfigDict or a plain dict)."""
+  if isinstance(cfg, ModelSpec):
+    return cfg
+  values = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
+  _check_keys(ModelSpec, values, 'config.model')
+  nested = {}
+  for key, cls in (('neuron', NeuronSpec), ('isps', ISPSSpec), ('halt', HaltSpec)):
+    sub = dict(values.pop(key, {}) or {})
+    _check_keys(cls, sub, f'config.model.{key}')
+    nested[key] = cls(**sub)
+  spec = ModelSpec(**values, **nested)
+  _validate(spec)
+  return spec
+
+
+def _validate(s: ModelSpec):
+  _choice(s.geometry, GEOMETRIES, 'model.geometry')
+  _choice(s.patch_embed, PATCH_EMBEDS, 'model.patch_embed')
+  _choice(s.isps.reduce, ISPS_REDUCES, 'model.isps.reduce')
+  _choice(s.isps.integrate_at, ISPS_INTEGRATE_AT, 'model.isps.integrate_at')
+  _choice(s.halt.mode, halting.MODES, 'model.halt.mode')
+  _choice(s.neuron.surrogate, neurons.SURROGATES, 'model.neuron.surrogate')
+  _choice(s.dtype, DTYPES, 'model.dtype')
+  p = s.patch_size
+  if p < 2 or p > 16 or p & (p - 1):
+    raise ValueError(f'model.patch_size={p}: the SPS down-samples with 1 to 4 max-pools, so the '
+                     'patch size must be 2, 4, 8 or 16')
+  if s.image_size % p:
+    raise ValueError(f'model.image_size={s.image_size} is not a multiple of patch_size={p}')
+  if s.dim % 8:
+    raise ValueError(f'model.dim={s.dim} must be a multiple of 8 (the SPS uses dim/8 channels)')
+  if s.dim % s.heads:
+    raise ValueError(f'model.dim={s.dim} is not divisible by model.heads={s.heads}')
+  for key in ('depth', 'timesteps', 'heads', 'num_classes', 'in_channels'):
+    if getattr(s, key) < 1:
+      raise ValueError(f'model.{key} must be >= 1, got {getattr(s, key)}')
+  if not 0 <= s.halt.channel < s.dim:
+    raise ValueError(f'model.halt.channel={s.halt.channel} is outside [0, dim={s.dim})')
+  if not 0 < s.halt.eps < 1:
+    raise ValueError(f'model.halt.eps={s.halt.eps} must lie in (0, 1)')
