@@ -1,0 +1,41 @@
+"""The training objective in one place: soft-target cross-entropy plus the halting losses.
+
+loss = CE(logits, soft targets) + alpha_p * ponder + alpha_d * KL(prior || halting distribution)
+(spec section 6). Soft targets carry label smoothing and mixup/cutmix from the input pipeline.
+"""
+from typing import Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from stas_jax.model_config import ModelSpec
+
+
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean over the batch of -sum(targets * log_softmax(logits)); targets (B, K) sum to 1."""
+  return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+
+
+def total_loss(logits: jax.Array, targets: jax.Array, aux: Dict,
+               spec: ModelSpec) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """Weighted sum of the three terms, and each term for logging.
+
+  With halting off (mode none) only the cross-entropy counts.
+
+  Args:
+    logits: (B, K).
+    targets: soft targets (B, K).
+    aux: the model's aux dict (needs `halt_loss_terms`).
+    spec: the model spec (loss weights in `spec.halt`).
+
+  Returns:
+    (scalar loss, {'loss', 'ce', 'ponder', 'distribution'}).
+  """
+  ce = soft_cross_entropy(logits, targets)
+  terms = aux['halt_loss_terms']
+  loss = ce
+  if spec.halt.mode != 'none':
+    loss = loss + spec.halt.alpha_p * terms['ponder'] + spec.halt.alpha_d * terms['distribution']
+  return loss, {'loss': loss, 'ce': ce, 'ponder': terms['ponder'],
+                'distribution': terms['distribution']}
