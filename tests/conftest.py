@@ -9,3 +9,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+def tiny_model_config(**overrides):
+  """A small CIFAR-geometry model config (dim 32, 2 blocks, T 3) with dotted-key overrides."""
+  from configs import default
+  cfg = default.get_model_config()
+  cfg.dim, cfg.heads, cfg.depth, cfg.timesteps = 32, 2, 2, 3
+  for key, value in overrides.items():
+    node = cfg
+    *path, leaf = key.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return cfg
