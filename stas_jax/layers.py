@@ -26,9 +26,51 @@ def _dtype(spec: ModelSpec):
   return jnp.bfloat16 if spec.dtype == 'bfloat16' else jnp.float32
 
 
-def batch_norm(spec: ModelSpec, name: str, axis_name: Optional[str]) -> nn.BatchNorm:
-  return nn.BatchNorm(momentum=spec.bn_momentum, epsilon=spec.bn_epsilon, axis_name=axis_name,
-                      dtype=jnp.float32, name=name)
+class BatchNorm(nn.Module):
+  """BatchNorm over the last axis whose batch statistics may count only masked-in positions.
+
+  Differs from flax's BatchNorm where halting needs it: a cell whose tokens have all halted
+  (mask all 0) normalises with safe statistics and leaves the running averages untouched,
+  instead of dividing by a zero count. Like PyTorch, the running variance is the unbiased one
+  and the normalisation is folded into y = x * a + (bias - mean * a), a = scale / sqrt(var + eps).
+  Variables are named like flax's (params scale/bias, batch_stats mean/var).
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool, mask: Optional[jax.Array] = None) -> jax.Array:
+    feat = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (feat,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (feat,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (feat,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (feat,), jnp.float32)
+    x = x.astype(jnp.float32)
+    if not train:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      w = jnp.ones(x.shape[:-1] + (1,), x.dtype) if mask is None else jnp.broadcast_to(
+          mask.astype(x.dtype), x.shape[:-1] + (1,))
+      psum = (lambda a: jax.lax.psum(a, self.axis_name)) if self.axis_name else (lambda a: a)
+      count = psum(jnp.sum(w))
+      safe = jnp.maximum(count, 1.0)
+      mean = psum(jnp.sum(x * w, axes)) / safe
+      var = psum(jnp.sum(w * jnp.square(x - mean), axes)) / safe
+      if not self.is_initializing():
+        seen = count > 0
+        unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
+        m = self.momentum
+        ra_mean.value = jnp.where(seen, m * ra_mean.value + (1 - m) * mean, ra_mean.value)
+        ra_var.value = jnp.where(seen, m * ra_var.value + (1 - m) * unbiased, ra_var.value)
+    a = scale / jnp.sqrt(var + self.epsilon)
+    return x * a + (bias - mean * a)
+
+
+def batch_norm(spec: ModelSpec, name: str, axis_name: Optional[str]) -> BatchNorm:
+  return BatchNorm(momentum=spec.bn_momentum, epsilon=spec.bn_epsilon, axis_name=axis_name,
+                   name=name)
 
 
 def max_pool(x: jax.Array) -> jax.Array:
@@ -77,7 +119,7 @@ class SPS(nn.Module):
   def stem(self, images: jax.Array, train: bool) -> jax.Array:
     """conv0 + BN0 on the analog image (B, H, W, C) -> input current (B, H, W, D/8)."""
     y = self.proj_conv(images)
-    return self.proj_bn(y, use_running_average=not train).astype(jnp.float32)
+    return self.proj_bn(y, train)
 
   def first_spikes(self, current: jax.Array) -> jax.Array:
     """LIF0 over T on the constant current: (B, H, W, C0) -> spikes (T, B, H, W, C0)."""
@@ -109,14 +151,14 @@ class SPS(nn.Module):
               (self.proj_conv3, self.proj_bn3, 'proj_lif3', 'conv3_in'))
     for i, (conv, bn, lif_name, in_name) in enumerate(stages, start=1):
       aux[in_name] = per_image(x)
-      y = bn(conv(x), use_running_average=not train)
+      y = bn(conv(x), train)
       x = multistep_lif(y, steps, lif)
       aux[lif_name] = per_image(x)
       if self._pool_after(i):
         x = max_pool(x)
     feat = x
     aux['rpe_in'] = per_image(feat)
-    y = self.rpe_bn(self.rpe_conv(feat), use_running_average=not train)
+    y = self.rpe_bn(self.rpe_conv(feat), train)
     rpe = multistep_lif(y, steps, lif)
     aux['rpe_lif'] = per_image(rpe)
     tokens = einops.rearrange(rpe + feat, 'b h w d -> b (h w) d')
@@ -140,9 +182,8 @@ class SSABlock(nn.Module):
 
   def _lin_bn_lif(self, x, mask, membrane, features, prefix, p, bias=True):
     y = self._dense(features, f'{prefix}_linear', bias)(x)
-    y = batch_norm(self.spec, f'{prefix}_bn', self.bn_axis_name)(
-        y, use_running_average=not self.train, mask=mask > 0 if self.train else None)
-    return neurons.lif_step_masked(membrane, y.astype(jnp.float32), mask, p)
+    y = batch_norm(self.spec, f'{prefix}_bn', self.bn_axis_name)(y, self.train, mask > 0)
+    return neurons.lif_step_masked(membrane, y, mask, p)
 
   @nn.compact
   def __call__(self, z: jax.Array, mask: jax.Array,
