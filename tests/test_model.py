@@ -1,0 +1,107 @@
+"""The backbone: sizes, parameter counts, input checks, end-to-end gradient flow."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from conftest import tiny_model_config
+from stas_jax import model as model_lib
+from stas_jax.model_config import spec_from_config
+
+
+def count_params(cfg):
+  model = model_lib.create_model(cfg)
+  s = model.spec
+  images = jax.ShapeDtypeStruct((1, s.image_size, s.image_size, s.in_channels), jnp.float32)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), images)
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
+
+
+def test_spikformer_4_384_cifar100_param_count():
+  cfg = default.get_model_config()
+  cfg.num_classes = 100
+  # PyTorch's 9,365,524 minus the 6,144 LayerNorm parameters it builds but never uses.
+  assert count_params(cfg) == 9_359_380
+
+
+def imagenet_8_512():
+  cfg = default.get_model_config()
+  cfg.update(geometry='imagenet', image_size=224, patch_size=16, dim=512, depth=8, heads=8,
+             num_classes=1000)
+  return cfg
+
+
+def test_imagenet_8_512_builds_and_runs():
+  cfg = imagenet_8_512()
+  n = count_params(cfg)
+  # Bias-free q/k/v (3 * 512 per block) compared with the CIFAR geometry.
+  cifar_like = cfg.copy_and_resolve_references()
+  cifar_like.geometry = 'cifar'
+  assert count_params(cifar_like) - n == 8 * 3 * 512
+  model = model_lib.create_model(cfg)
+  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+  logits, aux = jax.jit(model.apply)(variables, jnp.ones((1, 224, 224, 3)))
+  assert logits.shape == (1, 1000)
+  assert aux['active'].shape == (4, 8, 1, 196)
+  assert np.all(np.isfinite(np.asarray(logits)))
+
+
+@pytest.mark.parametrize('shape,match', [((2, 28, 28, 3), 'H, W, C'), ((2, 32, 32, 1), 'H, W, C'),
+                                         ((32, 32, 3), 'NHWC')])
+def test_wrong_image_shape_is_a_clear_error(shape, match):
+  model = model_lib.create_model(tiny_model_config())
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), jnp.zeros(shape))
+
+
+@pytest.mark.parametrize('override,match', [
+    ({'patch_embed': 'spx'}, 'patch_embed'),
+    ({'halt.mode': 'both'}, 'halt.mode'),
+    ({'patch_size': 6}, 'patch size'),
+    ({'heads': 5}, 'divisible'),
+    ({'neuron.surrogate': 'relu'}, 'surrogate'),
+])
+def test_bad_config_values_are_clear_errors(override, match):
+  with pytest.raises(ValueError, match=match):
+    spec_from_config(tiny_model_config(**override))
+
+
+def test_unknown_config_key_is_named():
+  cfg = tiny_model_config().to_dict()
+  cfg['halt']['gamm'] = 1.0
+  with pytest.raises(ValueError, match='gamm'):
+    spec_from_config(cfg)
+
+
+def test_gradient_reaches_every_parameter():
+  cfg = tiny_model_config(patch_embed='sps', **{'halt.mode': 'none'})
+  model = model_lib.create_model(cfg)
+  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+  images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3)) * 2
+  targets = jax.nn.one_hot(jnp.arange(4), 10)
+
+  def loss_fn(params):
+    (logits, _), _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                                 images, train=True, mutable=['batch_stats'])
+    return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), -1))
+
+  grads = jax.jit(jax.grad(loss_fn))(variables['params'])
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    g = np.asarray(g)
+    name = jax.tree_util.keystr(path)
+    assert np.all(np.isfinite(g)), name
+    assert np.any(g != 0), f'no gradient reaches {name}'
+
+
+def test_train_mode_updates_batch_stats_and_is_deterministic():
+  model = model_lib.create_model(tiny_model_config())
+  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  fn = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))
+  (logits1, _), new1 = fn(variables, images)
+  (logits2, _), new2 = fn(variables, images)
+  np.testing.assert_array_equal(np.asarray(logits1), np.asarray(logits2))
+  before = variables['batch_stats']['patch_embed']['proj_bn']['mean']
+  after = new1['batch_stats']['patch_embed']['proj_bn']['mean']
+  assert not np.allclose(np.asarray(before), np.asarray(after))
