@@ -85,6 +85,44 @@ def act_step(state: HaltState, z: jax.Array, h: jax.Array, eps: float,
   return HaltState(c=c, r=r, rho=rho, out=out, mask=new_mask), weight
 
 
+def cell_update(hp, state: HaltState, z: jax.Array, t, l, timesteps: int, depth: int, gamma,
+                beta) -> Tuple[HaltState, jax.Array]:
+  """The halting update of grid cell (t, l) for the mode `hp.mode` (spec section 5).
+
+  none: no halting; the readout is the mean over timesteps of the last block's output.
+  spatiotemporal: one ACT over the raster order of the whole grid, h = 1 at (T, L).
+  spatial: a fresh ACT over the blocks of each timestep (h = 1 at l = L; the caller resets the
+    state with `reset_for_timestep`), its outputs averaged over time.
+  temporal: scored once per timestep after block L, h = 1 at (T, L).
+
+  Args:
+    hp: the halting spec (`ModelSpec.halt`).
+    state: carry before the cell.
+    z: the block's output (B, N, D).
+    t, l: the cell (traced scalars).
+    timesteps, depth: T and L.
+    gamma, beta: halting-score parameters (scalars, possibly learnable).
+
+  Returns:
+    (new state, ACT weight (B, N) of this cell's output in the readout).
+  """
+  last_block = l == depth - 1
+  last_cell = last_block & (t == timesteps - 1)
+  temperature = hp.soft_temperature if hp.soft_mask else 0.0
+  if hp.mode == 'none':
+    weight = jnp.broadcast_to(last_block / timesteps, state.mask.shape).astype(z.dtype)
+    return state._replace(out=state.out + z * weight[..., None],
+                          rho=state.rho + state.mask), weight
+  h = halting_score(z, gamma, beta, hp.channel)
+  if hp.mode == 'spatiotemporal':
+    return act_step(state, z, jnp.where(last_cell, 1.0, h), hp.eps, temperature)
+  if hp.mode == 'spatial':
+    return act_step(state, z / timesteps, jnp.where(last_block, 1.0, h), hp.eps, temperature)
+  new_state, weight = act_step(state, z, jnp.where(last_cell, 1.0, h), hp.eps, temperature)
+  new_state = jax.tree.map(lambda a, b: jnp.where(last_block, a, b), new_state, state)
+  return new_state, jnp.where(last_block, weight, 0.0)
+
+
 def reset_for_timestep(state: HaltState) -> HaltState:
   """Spatial mode: each timestep starts a fresh ACT over the blocks; output and ponder persist."""
   fresh = jnp.zeros_like(state.c)

@@ -33,26 +33,7 @@ class EncoderCell(nn.Module):
     active = hs.mask
     z_out, mem, stats = layers.SSABlock(s, self.train, self.bn_axis_name, name='block')(
         z, active, mem)
-    last_block = l == s.depth - 1
-    last_cell = last_block & (t == s.timesteps - 1)
-    temperature = hp.soft_temperature if hp.soft_mask else 0.0
-    if hp.mode == 'none':
-      weight = jnp.broadcast_to(last_block / s.timesteps, active.shape).astype(z.dtype)
-      hs = hs._replace(out=hs.out + z_out * weight[..., None], rho=hs.rho + active)
-    else:
-      h = halting.halting_score(z_out, gamma, beta, hp.channel)
-      if hp.mode == 'spatiotemporal':
-        h = jnp.where(last_cell, 1.0, h)
-        hs, weight = halting.act_step(hs, z_out, h, hp.eps, temperature)
-      elif hp.mode == 'spatial':
-        # A fresh ACT over the blocks of every timestep; its outputs are averaged over time.
-        h = jnp.where(last_block, 1.0, h)
-        hs, weight = halting.act_step(hs, z_out / s.timesteps, h, hp.eps, temperature)
-      else:  # temporal: scored once per timestep, after the last block
-        h = jnp.where(last_cell, 1.0, h)
-        new_hs, new_weight = halting.act_step(hs, z_out, h, hp.eps, temperature)
-        hs = jax.tree.map(lambda a, b: jnp.where(last_block, a, b), new_hs, hs)
-        weight = jnp.where(last_block, new_weight, 0.0)
+    hs, weight = halting.cell_update(hp, hs, z_out, t, l, s.timesteps, s.depth, gamma, beta)
     ys = {'active': active, 'weight': weight, 'stats': stats}
     if self.capture:
       ys['z_in'] = z
@@ -63,19 +44,18 @@ class EncoderCell(nn.Module):
 class Encoder(nn.Module):
   """Scans `EncoderCell` over blocks (inner) and timesteps (outer): raster order of (t, l)."""
   spec: ModelSpec
-  train: bool = False
-  capture: bool = False
   bn_axis_name: Optional[str] = None
 
   @nn.compact
-  def __call__(self, u: jax.Array, gamma, beta) -> Tuple[halting.HaltState, Dict[str, Any]]:
+  def __call__(self, u: jax.Array, gamma, beta, train: bool = False,
+               capture: bool = False) -> Tuple[halting.HaltState, Dict[str, Any]]:
     """Args: u (T, B, N, D) encoder input per timestep. Returns final halt state and (T, L) aux."""
     s = self.spec
     batch = u.shape[1]
     cell = nn.remat(EncoderCell) if s.remat else EncoderCell
     blocks = nn.scan(cell, variable_axes={'params': 0, 'batch_stats': 0},
                      split_rngs={'params': True}, in_axes=0, out_axes=0,
-                     length=s.depth)(s, self.train, self.capture, self.bn_axis_name, name='blocks')
+                     length=s.depth)(s, train, capture, self.bn_axis_name, name='blocks')
 
     def time_step(mdl, carry, xs):
       mem, hs = carry
@@ -95,7 +75,7 @@ class Encoder(nn.Module):
       time_step(blocks, (mem0, hs0), (u[0], ts[0]))
     # Training updates the running statistics at every timestep, so they are carried; in eval
     # they are read-only, and carrying an immutable collection breaks the scan's carry structure.
-    if self.train:
+    if train:
       collections = dict(variable_broadcast='params', variable_carry='batch_stats')
     else:
       collections = dict(variable_broadcast=['params', 'batch_stats'])
@@ -131,16 +111,30 @@ class STAS(nn.Module):
           f'{tuple(images.shape)}; set model.image_size / model.in_channels to match the data '
           '(or resize the images)')
 
+  def setup(self):
+    s = self.spec
+    self.patch_embed = layers.SPS(s, self.bn_axis_name)
+    self.encoder = Encoder(s, self.bn_axis_name)
+    self.head = nn.Dense(s.num_classes, kernel_init=layers.dense_init)
+    if s.halt.learnable:
+      self.halt_gamma = self.param('halt_gamma', nn.initializers.constant(s.halt.gamma), ())
+      self.halt_beta = self.param('halt_beta', nn.initializers.constant(s.halt.beta), ())
+
+  def halting_params(self) -> Tuple[jax.Array, jax.Array]:
+    """(gamma, beta) of the halting score: parameters if learnable, else config constants."""
+    if self.spec.halt.learnable:
+      return self.halt_gamma, self.halt_beta
+    return jnp.float32(self.spec.halt.gamma), jnp.float32(self.spec.halt.beta)
+
   def embed(self, images: jax.Array, train: bool) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Patch embedding: (B, H, W, C) -> encoder input (T, B, N, D) and its aux sums."""
     s = self.spec
-    sps = layers.SPS(s, self.bn_axis_name, name='patch_embed')
+    self._check_images(images)
+    sps = self.patch_embed
     batch, steps = images.shape[0], s.timesteps
     s0 = sps.first_spikes(sps.stem(images, train))              # (T, B, H, W, C0)
-    aux = {'proj_lif': jnp.sum(s0, axis=(0, 2, 3, 4)),
-           'image_pixels': jnp.full((batch,), images.shape[1] * images.shape[2], jnp.float32)}
-    isps_first = s.patch_embed == 'isps' and s.isps.integrate_at == 'first_lif'
-    if isps_first:
+    aux = {'proj_lif': jnp.sum(s0, axis=(0, 2, 3, 4))}
+    if s.patch_embed == 'isps' and s.isps.integrate_at == 'first_lif':
       m = jnp.sum(s0, 0) if s.isps.reduce == 'sum' else jnp.mean(s0, 0)
       tokens, tail_aux = sps.tail(sps.pool0(m), 1, train)      # (B, N, D), run once
       u = jnp.broadcast_to(tokens, (steps,) + tokens.shape)
@@ -151,23 +145,20 @@ class STAS(nn.Module):
       if s.patch_embed == 'isps':  # integrate_at == 'sps_output': average the SPS output over T
         u = jnp.broadcast_to(jnp.mean(u, 0), u.shape)
     aux.update(tail_aux)
+    chex.assert_shape(u, (steps, batch, s.num_tokens, s.dim))
     return u, aux
 
-  @nn.compact
+  def classify(self, out: jax.Array) -> jax.Array:
+    """Head on the halting-weighted token outputs (B, N, D) -> logits (B, K)."""
+    return self.head(halting.readout(out))
+
   def __call__(self, images: jax.Array, train: bool = False, capture: bool = False):
     s = self.spec
-    self._check_images(images)
-    u, sps_aux = self.embed(images, train)
-    chex.assert_shape(u, (s.timesteps, images.shape[0], s.num_tokens, s.dim))
     hp = s.halt
-    if hp.learnable:
-      gamma = self.param('halt_gamma', nn.initializers.constant(hp.gamma), ())
-      beta = self.param('halt_beta', nn.initializers.constant(hp.beta), ())
-    else:
-      gamma, beta = jnp.float32(hp.gamma), jnp.float32(hp.beta)
-    hs, ys = Encoder(s, train, capture, self.bn_axis_name, name='encoder')(u, gamma, beta)
-    feat = halting.readout(hs.out)
-    logits = nn.Dense(s.num_classes, kernel_init=layers.dense_init, name='head')(feat)
+    u, sps_aux = self.embed(images, train)
+    gamma, beta = self.halting_params()
+    hs, ys = self.encoder(u, gamma, beta, train=train, capture=capture)
+    logits = self.classify(hs.out)
     cells = halting.scoring_cells(hp.mode, s.timesteps, s.depth)
     aux = {
         'active': ys['active'],

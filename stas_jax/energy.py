@@ -1,0 +1,197 @@
+"""Energy accounting (spec section 7): synaptic operations, energy, token ratio, timesteps per
+token and per-layer firing rates, all computed from the sums the model returns in its aux dict.
+
+Counting rules, per image:
+  * conv0 (`patch_embed.proj_conv`) sees the analog image: H*W*C_in*C0*9 MACs, counted once,
+    because the image is static and repeating the conv over T (as the PyTorch reference does)
+    recomputes the same values. This holds for SPS and I-SPS alike.
+  * The head (Linear D -> classes on the analog readout) costs D*classes MACs. Its bias, the
+    token/time means of the readout, BatchNorm (folded into the weights at inference) and the
+    residual additions are not counted.
+  * Every other layer costs accumulates (SOPs), from the actual activations over active tokens:
+    a linear layer costs (sum of its inputs) * fan_out, a 3x3 conv (sum of its inputs) * 9*C_out
+    (the zero-padded border, where a pixel reaches fewer than 9 outputs, is ignored), Q K^T costs
+    sum(Q) * (active tokens), and (Q K^T) V costs sum(unscaled Q K^T map) * head_dim (the 0.125
+    scale is a power-of-two shift). Integer inputs (spikes, RPE sums in {0, 1, 2}) count as that
+    many spikes. I-SPS with `isps.reduce = 'mean'` feeds conv1 fractional values; they count by
+    value, so that conv costs 1/T of its multi-step total (a fractional input is strictly a
+    multiply, so this is the favourable reading; `reduce = 'sum'` has integer inputs).
+Energy = E_MAC * MACs + E_AC * SOPs (45 nm: 4.6 pJ and 0.9 pJ).
+"""
+from typing import Any, Dict, Mapping, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from stas_jax.model_config import ModelSpec, spec_from_config
+
+E_MAC_PJ = 4.6
+E_AC_PJ = 0.9
+PJ_PER_MJ = 1e9
+
+GROUPS = ('patch_embed', 'attention', 'mlp')
+SPLIT = GROUPS + ('head',)
+# Per-layer SOP keys: '<group>.<layer>', block layers summed over blocks and timesteps.
+SPS_SOP_LAYERS = ('patch_embed.proj_conv1', 'patch_embed.proj_conv2', 'patch_embed.proj_conv3',
+                  'patch_embed.rpe_conv')
+ATTENTION_SOP_LAYERS = ('attention.q_linear', 'attention.k_linear', 'attention.v_linear',
+                        'attention.qk', 'attention.qk_v', 'attention.proj_linear')
+MLP_SOP_LAYERS = ('mlp.fc1_linear', 'mlp.fc2_linear')
+# LIF layers as named in the PyTorch reference (the fixture's firing_rates_json).
+SPS_LIFS = ('proj_lif', 'proj_lif1', 'proj_lif2', 'proj_lif3', 'rpe_lif')
+ATTN_LIFS = ('q_lif', 'k_lif', 'v_lif', 'attn_lif', 'proj_lif')
+MLP_LIFS = ('fc1_lif', 'fc2_lif')
+
+_BLOCK_KEYS = ('x_in', 'q_lif', 'k_lif', 'v_lif', 'qk_map', 'attn_lif', 'proj_lif', 'x_mid',
+               'fc1_lif', 'fc2_lif')
+_SPS_KEYS = ('conv1_in', 'conv2_in', 'conv3_in', 'rpe_in') + SPS_LIFS
+
+
+def _sps_layout(s: ModelSpec) -> Tuple[Dict[str, int], Dict[str, int]]:
+  """Neurons per timestep of each SPS LIF, and the timesteps it ran for one image.
+
+  Stage i's conv keeps the spatial size of its input; a max-pool (3, 2, 1) after stage i
+  (i >= 4 - num_pools) halves it, rounding up.
+  """
+  channels = s.sps_channels
+  size = s.image_size
+  cells = {}
+  for i, name in enumerate(SPS_LIFS[:4]):
+    cells[name] = size * size * channels[i]
+    if i >= 4 - s.num_pools:
+      size = -(-size // 2)
+  cells['rpe_lif'] = size * size * s.dim
+  once = s.patch_embed == 'isps' and s.isps.integrate_at == 'first_lif'
+  # LIF0 always runs T steps; under I-SPS (first_lif) everything after it runs once.
+  steps = {name: (1 if once and name != 'proj_lif' else s.timesteps) for name in SPS_LIFS}
+  return cells, steps
+
+
+def _require(group: Mapping[str, Any], keys, where: str):
+  missing = [k for k in keys if k not in group]
+  if missing:
+    raise KeyError(f'{where} lacks {missing}; estimate() needs the sums that '
+                   'stas_jax.model.STAS returns (see its docstring)')
+
+
+def estimate(aux: Mapping[str, Any], model_config, *, e_mac_pj: float = E_MAC_PJ,
+             e_ac_pj: float = E_AC_PJ) -> Dict[str, Any]:
+  """Per-image energy, operation counts, token usage and firing rates from the model's aux.
+
+  Pure jnp and jit-able (close over the config: `jax.jit(lambda a: estimate(a, cfg))`);
+  accepts jax or numpy arrays.
+
+  Args:
+    aux: the aux dict of `STAS.__call__`; uses `active` (T, L, B, N), `block_stats`
+      {name: (T, L, B)} and `sps_stats` {name: (B,)}.
+    model_config: `config.model` (ConfigDict, dict or ModelSpec) of the model that made aux.
+    e_mac_pj: energy of one multiply-accumulate, picojoules.
+    e_ac_pj: energy of one accumulate, picojoules.
+
+  Returns:
+    energy_mj (B,): E_MAC * MACs + E_AC * SOPs, millijoules per image.
+    energy_split_mj: {'patch_embed', 'attention', 'mlp', 'head'} (B,), summing to energy_mj;
+      patch_embed includes conv0's MACs.
+    sops: (B,) per group ('patch_embed', 'attention', 'mlp'), 'total', and per layer
+      (`SPS_SOP_LAYERS`, `ATTENTION_SOP_LAYERS`, `MLP_SOP_LAYERS`; block layers summed over
+      blocks and timesteps).
+    macs: {'patch_embed.proj_conv', 'head'} (B,).
+    token_ratio (B,): active token-cells / (T * L * N).
+    timesteps (B,): token mean of the number of timesteps in which the token was processed by
+      at least one block.
+    firing_rates: {layer: scalar} spikes / (neurons * timesteps run), pooled over the batch;
+      block layers count only active tokens ('block.{l}.attn.q_lif', 'block.{l}.mlp.fc1_lif',
+      ...), SPS layers every position ('patch_embed.proj_lif' ... 'patch_embed.rpe_lif'). A
+      block no token reached gets rate 0.
+  """
+  s = spec_from_config(model_config)
+  _require(aux, ('active', 'block_stats', 'sps_stats'), 'aux')
+  _require(aux['block_stats'], _BLOCK_KEYS, 'aux["block_stats"]')
+  _require(aux['sps_stats'], _SPS_KEYS, 'aux["sps_stats"]')
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  active = f32(aux['active'])
+  steps, depth, batch, tokens = active.shape
+  if (steps, depth, tokens) != (s.timesteps, s.depth, s.num_tokens):
+    raise ValueError(f'aux["active"] has shape {active.shape}, expected (T, L, B, N) = '
+                     f'({s.timesteps}, {s.depth}, B, {s.num_tokens}) for this model config')
+  bs = {k: f32(aux['block_stats'][k]) for k in _BLOCK_KEYS}
+  ss = {k: f32(aux['sps_stats'][k]) for k in _SPS_KEYS}
+  n_active = jnp.sum(active, axis=3)                                 # (T, L, B)
+  per_image = lambda a: jnp.sum(a, axis=(0, 1))                      # (T, L, B) -> (B,)
+
+  c = s.sps_channels
+  sops = {
+      'patch_embed.proj_conv1': ss['conv1_in'] * 9 * c[1],
+      'patch_embed.proj_conv2': ss['conv2_in'] * 9 * c[2],
+      'patch_embed.proj_conv3': ss['conv3_in'] * 9 * c[3],
+      'patch_embed.rpe_conv': ss['rpe_in'] * 9 * s.dim,
+      'attention.q_linear': per_image(bs['x_in']) * s.dim,
+      'attention.k_linear': per_image(bs['x_in']) * s.dim,
+      'attention.v_linear': per_image(bs['x_in']) * s.dim,
+      'attention.qk': per_image(bs['q_lif'] * n_active),
+      'attention.qk_v': per_image(bs['qk_map']) * s.head_dim,
+      'attention.proj_linear': per_image(bs['attn_lif']) * s.dim,
+      'mlp.fc1_linear': per_image(bs['x_mid']) * s.hidden_dim,
+      'mlp.fc2_linear': per_image(bs['fc1_lif']) * s.dim,
+  }
+  layers_of = {'patch_embed': SPS_SOP_LAYERS, 'attention': ATTENTION_SOP_LAYERS,
+               'mlp': MLP_SOP_LAYERS}
+  for group, names in layers_of.items():
+    sops[group] = sum(sops[n] for n in names)
+  sops['total'] = sum(sops[g] for g in GROUPS)
+
+  ones = jnp.ones((batch,), jnp.float32)
+  macs = {
+      'patch_embed.proj_conv': ones * (s.image_size ** 2 * s.in_channels * c[0] * 9),
+      'head': ones * (s.dim * s.num_classes),
+  }
+  split_pj = {
+      'patch_embed': e_mac_pj * macs['patch_embed.proj_conv'] + e_ac_pj * sops['patch_embed'],
+      'attention': e_ac_pj * sops['attention'],
+      'mlp': e_ac_pj * sops['mlp'],
+      'head': e_mac_pj * macs['head'],
+  }
+  split = {k: v / PJ_PER_MJ for k, v in split_pj.items()}
+
+  # A token counts for timestep t if any block processed it then (spatial mode re-activates
+  # every token at each timestep; soft masks give fractional values).
+  per_step = jnp.max(active, axis=1)                                 # (T, B, N)
+  out = {
+      'energy_mj': sum(split_pj.values()) / PJ_PER_MJ,
+      'energy_split_mj': split,
+      'sops': sops,
+      'macs': macs,
+      'token_ratio': jnp.sum(active, axis=(0, 1, 3)) / (steps * depth * tokens),
+      'timesteps': jnp.mean(jnp.sum(per_step, axis=0), axis=-1),
+      'firing_rates': _firing_rates(s, bs, ss, n_active, batch),
+  }
+  return out
+
+
+def _firing_rates(s: ModelSpec, bs, ss, n_active, batch: int) -> Dict[str, jax.Array]:
+  rates = {}
+  cells, steps = _sps_layout(s)
+  for name in SPS_LIFS:
+    rates[f'patch_embed.{name}'] = jnp.sum(ss[name]) / (batch * steps[name] * cells[name])
+  token_steps = jnp.sum(n_active, axis=(0, 2))                       # (L,) active token-steps
+  width = {'fc1_lif': s.hidden_dim}
+  for l in range(s.depth):
+    for part, names in (('attn', ATTN_LIFS), ('mlp', MLP_LIFS)):
+      for name in names:
+        neurons = token_steps[l] * width.get(name, s.dim)
+        spikes = jnp.sum(bs[name][:, l])
+        rates[f'block.{l}.{part}.{name}'] = spikes / jnp.maximum(neurons, 1e-12)
+  return rates
+
+
+def summarize(energy: Mapping[str, Any], prefix: str = '') -> Dict[str, float]:
+  """Flattens an `estimate` result to {'energy_mj': ..., 'sops/attention': ...} python floats,
+  each the batch mean (firing rates are already pooled scalars)."""
+  flat = {}
+  for key, value in energy.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, Mapping):
+      flat.update(summarize(value, f'{name}/'))
+    else:
+      flat[name] = float(jnp.mean(jnp.asarray(value)))
+  return flat
