@@ -1,0 +1,48 @@
+"""Early-exit inference gives the dense path's outputs while skipping halted work."""
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_model_config
+from stas_jax import early_exit
+from stas_jax import model as model_lib
+from test_halting import _images, _variables
+
+
+def test_capacities():
+  assert early_exit.capacities(64, (0.25, 0.5)) == (0, 16, 32, 64)
+  assert early_exit.capacities(10, (0.125, 0.5, 1.0)) == (0, 2, 5, 10)
+
+
+@functools.lru_cache(maxsize=None)
+def _both(mode, beta):
+  cfg = tiny_model_config(**{'halt.mode': mode, 'halt.beta': beta, 'patch_embed': 'isps'})
+  model = model_lib.create_model(cfg)
+  images = _images(seed=3, batch=4)
+  dense = jax.jit(lambda v, x: model.apply(v, x))(_variables(), images)
+  fast = jax.jit(functools.partial(early_exit.apply, model))(_variables(), images)
+  return jax.tree.map(np.asarray, (dense, fast))
+
+
+@pytest.mark.parametrize('mode,beta', [('spatiotemporal', -1.0), ('temporal', 0.0),
+                                       ('spatial', -1.0), ('none', 0.0)])
+def test_same_outputs_as_dense_path(mode, beta):
+  (logits, aux), (logits_ee, aux_ee) = _both(mode, beta)
+  np.testing.assert_allclose(logits_ee, logits, atol=1e-5)
+  np.testing.assert_array_equal(logits_ee.argmax(-1), logits.argmax(-1))
+  np.testing.assert_array_equal(aux_ee['active'], aux['active'])
+  np.testing.assert_allclose(aux_ee['cell_weight'], aux['cell_weight'], atol=1e-6)
+  for name, value in aux['block_stats'].items():
+    np.testing.assert_allclose(aux_ee['block_stats'][name], value, atol=1e-4, err_msg=name)
+  if mode == 'spatiotemporal':
+    assert 0 < aux['active'].mean() < 1, 'the test needs partly halted tokens'
+
+
+def test_loop_stops_when_every_token_has_halted():
+  (logits, aux), (logits_ee, aux_ee) = _both('spatiotemporal', 50.0)
+  assert int(aux_ee['timesteps_run']) == 1
+  np.testing.assert_allclose(logits_ee, logits, atol=1e-5)
+  (_, _), (_, aux_ee) = _both('spatiotemporal', -50.0)
+  assert int(aux_ee['timesteps_run']) == 3
