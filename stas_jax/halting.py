@@ -51,8 +51,8 @@ def soft_mask(c: jax.Array, eps: float, temperature: float) -> jax.Array:
   return jax.nn.sigmoid((1.0 - eps - c) / temperature)
 
 
-def act_step(state: HaltState, z: jax.Array, h: jax.Array, eps: float,
-             soft_temperature: float = 0.0) -> Tuple[HaltState, jax.Array]:
+def act_step(state: HaltState, z: jax.Array, h: jax.Array, eps: float, temperature=None,
+             final=False) -> Tuple[HaltState, jax.Array]:
   """One ACT accumulation at a grid cell (spec section 5, step 3).
 
   Tokens still active add h to c. Those that reach 1 - eps now contribute their remainder R
@@ -61,32 +61,39 @@ def act_step(state: HaltState, z: jax.Array, h: jax.Array, eps: float,
   Args:
     state: carry before this cell.
     z: block output at this cell (B, N, D).
-    h: halting score at this cell (B, N); 1 forces every active token to halt.
+    h: halting score at this cell (B, N).
     eps: ACT epsilon.
-    soft_temperature: 0 for the hard mask (stop-gradient); > 0 for the soft relaxation.
+    temperature: None for the hard mask (no gradient through it); otherwise a (possibly traced)
+      scalar: > 0 uses the soft relaxation `soft_mask`, 0 the hard mask.
+    final: (traced) bool, the last cell of the ACT: every active token halts here.
 
   Returns:
     (new state, ACT weight (B, N) given to z at this cell).
   """
   m = state.mask
   c = state.c + m * h
-  if soft_temperature > 0:
-    still = soft_mask(c, eps, soft_temperature)
+  hard = hard_mask(c, eps)
+  if temperature is None:
+    still = hard
   else:
-    still = hard_mask(c, eps)
+    soft = soft_mask(c, eps, jnp.maximum(temperature, 1e-6))
+    still = jnp.where(temperature > 0, soft, hard)
+  still = jnp.where(final, 0.0, still)
   reached = 1.0 - still
   weight = m * (reached * state.r + still * h)
   out = state.out + z * weight[..., None]
   rho = state.rho + m * (reached * state.r + still)
   r = state.r - m * still * h
   new_mask = m * still
-  if soft_temperature <= 0:
+  if temperature is None:
     new_mask = jax.lax.stop_gradient(new_mask)
+  else:
+    new_mask = jnp.where(temperature > 0, new_mask, jax.lax.stop_gradient(new_mask))
   return HaltState(c=c, r=r, rho=rho, out=out, mask=new_mask), weight
 
 
 def cell_update(hp, state: HaltState, z: jax.Array, t, l, timesteps: int, depth: int, gamma,
-                beta) -> Tuple[HaltState, jax.Array]:
+                beta, temperature=None) -> Tuple[HaltState, jax.Array]:
   """The halting update of grid cell (t, l) for the mode `hp.mode` (spec section 5).
 
   none: no halting; the readout is the mean over timesteps of the last block's output.
@@ -102,23 +109,25 @@ def cell_update(hp, state: HaltState, z: jax.Array, t, l, timesteps: int, depth:
     t, l: the cell (traced scalars).
     timesteps, depth: T and L.
     gamma, beta: halting-score parameters (scalars, possibly learnable).
+    temperature: soft-mask temperature (see `act_step`); None for the hard mask.
 
   Returns:
     (new state, ACT weight (B, N) of this cell's output in the readout).
   """
   last_block = l == depth - 1
   last_cell = last_block & (t == timesteps - 1)
-  temperature = hp.soft_temperature if hp.soft_mask else 0.0
   if hp.mode == 'none':
     weight = jnp.broadcast_to(last_block / timesteps, state.mask.shape).astype(z.dtype)
     return state._replace(out=state.out + z * weight[..., None],
                           rho=state.rho + state.mask), weight
   h = halting_score(z, gamma, beta, hp.channel)
   if hp.mode == 'spatiotemporal':
-    return act_step(state, z, jnp.where(last_cell, 1.0, h), hp.eps, temperature)
+    return act_step(state, z, jnp.where(last_cell, 1.0, h), hp.eps, temperature, last_cell)
   if hp.mode == 'spatial':
-    return act_step(state, z / timesteps, jnp.where(last_block, 1.0, h), hp.eps, temperature)
-  new_state, weight = act_step(state, z, jnp.where(last_cell, 1.0, h), hp.eps, temperature)
+    return act_step(state, z / timesteps, jnp.where(last_block, 1.0, h), hp.eps, temperature,
+                    last_block)
+  new_state, weight = act_step(state, z, jnp.where(last_cell, 1.0, h), hp.eps, temperature,
+                               last_cell)
   new_state = jax.tree.map(lambda a, b: jnp.where(last_block, a, b), new_state, state)
   return new_state, jnp.where(last_block, weight, 0.0)
 

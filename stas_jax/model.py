@@ -17,7 +17,7 @@ class EncoderCell(nn.Module):
   """Grid cell (t, l): block l at timestep t, then the halting update for the mode.
 
   Scanned over blocks (params stacked on a leading depth axis). Carry: (z, halt state, t,
-  gamma, beta); scanned input: (membranes of block l, l).
+  (gamma, beta, temperature)); scanned input: (membranes of block l, l).
   """
   spec: ModelSpec
   train: bool = False
@@ -26,19 +26,19 @@ class EncoderCell(nn.Module):
 
   @nn.compact
   def __call__(self, carry, xs):
-    z, hs, t, gamma, beta = carry
+    z, hs, t, halt_params = carry
     mem, l = xs
     s = self.spec
     hp = s.halt
     active = hs.mask
     z_out, mem, stats = layers.SSABlock(s, self.train, self.bn_axis_name, name='block')(
         z, active, mem)
-    hs, weight = halting.cell_update(hp, hs, z_out, t, l, s.timesteps, s.depth, gamma, beta)
+    hs, weight = halting.cell_update(hp, hs, z_out, t, l, s.timesteps, s.depth, *halt_params)
     ys = {'active': active, 'weight': weight, 'stats': stats}
     if self.capture:
       ys['z_in'] = z
       ys['z_out'] = z_out
-    return (z_out, hs, t, gamma, beta), (mem, ys)
+    return (z_out, hs, t, halt_params), (mem, ys)
 
 
 class Encoder(nn.Module):
@@ -47,9 +47,18 @@ class Encoder(nn.Module):
   bn_axis_name: Optional[str] = None
 
   @nn.compact
-  def __call__(self, u: jax.Array, gamma, beta, train: bool = False,
+  def __call__(self, u: jax.Array, halt_params, train: bool = False,
                capture: bool = False) -> Tuple[halting.HaltState, Dict[str, Any]]:
-    """Args: u (T, B, N, D) encoder input per timestep. Returns final halt state and (T, L) aux."""
+    """Runs the (t, l) grid.
+
+    Args:
+      u: (T, B, N, D) encoder input per timestep.
+      halt_params: (gamma, beta, temperature) for `halting.cell_update`.
+      train, capture: batch statistics; keep block inputs/outputs in the aux.
+
+    Returns:
+      The final halting state and per-cell aux with leading (T, L) axes.
+    """
     s = self.spec
     batch = u.shape[1]
     cell = nn.remat(EncoderCell) if s.remat else EncoderCell
@@ -62,8 +71,7 @@ class Encoder(nn.Module):
       u_t, t = xs
       if s.halt.mode == 'spatial':
         hs = halting.reset_for_timestep(hs)
-      cell_carry = (u_t, hs, t, gamma, beta)
-      (_, hs, _, _, _), (mem, ys) = mdl(cell_carry, (mem, jnp.arange(s.depth)))
+      (_, hs, _, _), (mem, ys) = mdl((u_t, hs, t, halt_params), (mem, jnp.arange(s.depth)))
       return (mem, hs), ys
 
     one_block = layers.block_membranes(s, batch)
@@ -152,12 +160,30 @@ class STAS(nn.Module):
     """Head on the halting-weighted token outputs (B, N, D) -> logits (B, K)."""
     return self.head(halting.readout(out))
 
-  def __call__(self, images: jax.Array, train: bool = False, capture: bool = False):
+  def __call__(self, images: jax.Array, train: bool = False, capture: bool = False,
+               halt_temperature=None):
+    """Forward pass.
+
+    Args:
+      images: (B, H, W, C) normalised images.
+      train: batch statistics (mutable 'batch_stats') instead of running averages.
+      capture: also return every block's input and output (T, L, B, N, D).
+      halt_temperature: with `model.halt.soft_mask`, the (traced) soft-mask temperature,
+        annealed by the training loop; defaults to `model.halt.soft_temperature`; 0 gives the
+        hard mask. Ignored without soft_mask.
+
+    Returns:
+      (logits (B, K), aux) as described in the class docstring.
+    """
     s = self.spec
     hp = s.halt
     u, sps_aux = self.embed(images, train)
     gamma, beta = self.halting_params()
-    hs, ys = self.encoder(u, gamma, beta, train=train, capture=capture)
+    temperature = None
+    if hp.soft_mask:
+      temperature = jnp.float32(hp.soft_temperature if halt_temperature is None
+                                else halt_temperature)
+    hs, ys = self.encoder(u, (gamma, beta, temperature), train=train, capture=capture)
     logits = self.classify(hs.out)
     cells = halting.scoring_cells(hp.mode, s.timesteps, s.depth)
     aux = {

@@ -234,3 +234,36 @@ def test_forward_and_loss_compile_once():
     targets = jax.nn.one_hot(jnp.arange(B) + seed, 10)
     step(_variables(), _images(seed), targets).block_until_ready()
   assert len(traces) == 1
+
+
+def test_soft_act_chain_gradient_matches_finite_differences():
+  # The relaxed halting rule is smooth in the score parameters: compare jax.grad with central
+  # differences over a fixed sequence of block outputs.
+  z = jax.random.uniform(jax.random.PRNGKey(2), (6, 2, 5, 3)) * 3.0
+
+  def readout_loss(gb, temperature):
+    gamma, beta = gb
+    state = halting.init_state(2, 5, 3)
+    for k in range(6):
+      h = halting.halting_score(z[k], gamma, beta, 0)
+      state, _ = halting.act_step(state, z[k], h, 0.01, temperature, final=k == 5)
+    return jnp.sum(jnp.sin(state.out)) + 0.1 * jnp.sum(state.rho)
+
+  gb = jnp.array([0.7, -1.5], jnp.float32)
+  grad = np.asarray(jax.grad(readout_loss)(gb, jnp.float32(0.3)))
+  eps = 1e-2
+  for i in range(2):
+    d = jnp.zeros(2).at[i].set(eps)
+    fd = (readout_loss(gb + d, 0.3) - readout_loss(gb - d, 0.3)) / (2 * eps)
+    np.testing.assert_allclose(grad[i], float(fd), rtol=2e-2, atol=1e-3)
+  assert np.all(grad != 0)
+
+
+def test_soft_mask_at_zero_temperature_is_the_hard_model():
+  logits_hard, _ = _forward('spatiotemporal', -1.0)
+  cfg = tiny_model_config(**{'halt.mode': 'spatiotemporal', 'halt.beta': -1.0,
+                             'halt.soft_mask': True})
+  model = model_lib.create_model(cfg)
+  logits_soft0, _ = jax.jit(lambda v, x: model.apply(v, x, halt_temperature=0.0))(
+      _variables(), _images())
+  np.testing.assert_allclose(np.asarray(logits_soft0), logits_hard, atol=1e-6)
