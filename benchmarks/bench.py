@@ -1,0 +1,252 @@
+"""Speed and memory of a train step or an inference pass, against an analytic FLOP count.
+
+  python benchmarks/bench.py --config=configs/cifar100_spikformer.py --batch=32 --mode=train \
+      --json=OUT.json [--devices=N] [--repeats=5] [--config.model.remat=True]
+  python benchmarks/bench.py --config=configs/demo.py --mode=infer_early_exit --restore=runs/demo
+
+Times the jitted step after a warm-up; reports median / min / max over repeats, images/s,
+compile time, the model's analytic GFLOP per step (by part: SPS, attention, MLP, head),
+achieved GFLOP/s, the machine's fp32 matmul peak measured in the same run, and peak RSS.
+infer_early_exit also times the dense path in the same run and checks identical predictions.
+Numbers are noisy on shared machines: compare ratios measured in one run.
+"""
+import functools
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_DEVICES = flags.DEFINE_integer('devices', 1, 'Data-parallel devices (pmap); CPU devices are '
+                                'simulated with --xla_force_host_platform_device_count.')
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_BATCH = flags.DEFINE_integer('batch', 32, 'Global batch size.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'infer', 'infer_early_exit'], 'What to time.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repetitions after the warm-up.')
+_JSON = flags.DEFINE_string('json', None, 'Write the results here as JSON.')
+_RESTORE = flags.DEFINE_string('restore', None, 'Inference: a training workdir whose latest '
+                               'checkpoint and test split are used (else random weights and '
+                               'random images).')
+_MAX_BATCHES = flags.DEFINE_integer('max_batches', 4, 'With --restore: test batches checked.')
+
+
+def conv_flops(h, w, c_in, c_out, k=3):
+  return 2 * h * w * c_in * c_out * k * k
+
+
+def model_flops(spec) -> dict:
+  """Dense forward FLOPs per image of the layers as this implementation runs them.
+
+  conv0 runs once (static image); under I-SPS (first_lif) the later SPS convs run once, under
+  SPS T times. Encoder blocks run at every (t, l) cell on all N tokens (the dense path), with
+  attention in the cheaper of (Q K^T) V and Q (K^T V). Multiply by 3 for a train step.
+  """
+  t, n, d, hid = spec.timesteps, spec.num_tokens, spec.dim, spec.hidden_dim
+  c = spec.sps_channels
+  runs = 1 if (spec.patch_embed == 'isps' and spec.isps.integrate_at == 'first_lif') else t
+  size, c_in, sps = spec.image_size, spec.in_channels, 0
+  for stage, c_out in enumerate(c):
+    sps += (1 if stage == 0 else runs) * conv_flops(size, size, c_in, c_out)
+    c_in = c_out
+    if stage >= 4 - spec.num_pools:  # max-pool after this stage
+      size = (size + 1) // 2
+  sps += runs * conv_flops(size, size, d, d)  # RPE conv
+  h, dh = spec.heads, spec.head_dim
+  attn_core = 2 * 2 * h * n * dh * min(n, dh)
+  attention = t * spec.depth * (4 * 2 * n * d * d + attn_core)
+  mlp = t * spec.depth * 2 * 2 * n * d * hid
+  head = 2 * d * spec.num_classes
+  return {'sps': sps, 'attention': attention, 'mlp': mlp, 'head': head,
+          'total': sps + attention + mlp + head}
+
+
+def matmul_peak_gflops(n=2048, repeats=5):
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  best = min(_time(lambda: f(a).block_until_ready()) for _ in range(repeats))
+  return 2 * n ** 3 / best / 1e9
+
+
+def _time(fn):
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def _timings(fn, repeats):
+  times = [_time(fn) for _ in range(repeats)]
+  return {'step_time_median_s': statistics.median(times), 'step_time_min_s': min(times),
+          'step_time_max_s': max(times), 'step_times_s': times}
+
+
+def bench_train(config, batch, devices):
+  import jax
+  import numpy as np
+  from stas_jax import model as model_lib
+  from stas_jax import train_lib
+  s = model_lib.spec_from_config(config.model)
+  config.batch_size = config.eval_batch_size = batch
+  ctx = train_lib.StepContext(config=config, mean=np.zeros(s.in_channels, np.float32),
+                              std=np.full(s.in_channels, 255.0, np.float32),
+                              num_classes=s.num_classes,
+                              schedule=train_lib.learning_rate_schedule(config, 100, 10_000))
+  strategy = train_lib.create_strategy(ctx, jax.local_devices()[:devices])
+  model = model_lib.create_model(config.model, bn_axis_name=train_lib.bn_axis_name(config))
+  state = strategy.put_state(train_lib.create_train_state(
+      model, jax.random.key(0), train_lib.create_optimizer(config, ctx.schedule)))
+  rng = np.random.default_rng(0)
+  data = {'image': rng.integers(0, 256, (batch, s.image_size, s.image_size, s.in_channels),
+                                dtype=np.uint8),
+          'label': rng.integers(0, s.num_classes, (batch,)).astype(np.int32)}
+  key, epoch = jax.random.key(1), np.float32(0)
+  holder = {'state': state}
+
+  def step():
+    holder['state'], metrics = strategy.train_step(holder['state'], data, key, epoch)
+    jax.block_until_ready(metrics)
+
+  compile_s = _time(step)  # first call: trace + compile + one step
+  step()
+  return compile_s, step
+
+
+def _inference_inputs(config, batch):
+  """(model, variables, list of normalised image batches, labels or None)."""
+  import jax
+  import numpy as np
+  from stas_jax import augment
+  from stas_jax import input_pipeline
+  from stas_jax import model as model_lib
+  model = model_lib.create_model(config.model)
+  if not _RESTORE.value:
+    variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+    s = model.spec
+    images = np.random.default_rng(0).normal(
+        size=(batch, s.image_size, s.image_size, s.in_channels)).astype(np.float32)
+    return model, variables, [images]
+  from stas_jax import checkpoint
+  from stas_jax import train_lib
+  config.eval_batch_size = batch
+  data = input_pipeline.create_datasets(config)
+  tx = train_lib.create_optimizer(config, lambda _: 0.0)
+  target = train_lib.create_train_state(model, jax.random.key(0), tx)
+  ckpt = checkpoint.Checkpointer(os.path.join(_RESTORE.value, 'checkpoints'))
+  restored = ckpt.restore_latest(target)
+  ckpt.close()
+  if restored is None:
+    raise SystemExit(f'no checkpoint under {_RESTORE.value}/checkpoints')
+  state = restored[0]
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  batches = []
+  for i, b in enumerate(data.make_eval_iter()):
+    if i >= _MAX_BATCHES.value:
+      break
+    img, _ = augment.augment_batch(None, b, config, epoch=0, mean=data.mean, std=data.std,
+                                   num_classes=data.num_classes, train=False)
+    batches.append(np.asarray(img))
+  return model, variables, batches
+
+
+def bench_infer(config, batch, early):
+  import functools as ft
+  import jax
+  import numpy as np
+  from stas_jax import early_exit
+  model, variables, batches = _inference_inputs(config, batch)
+  dense = jax.jit(lambda v, x: model.apply(v, x))
+  fast = jax.jit(ft.partial(early_exit.apply, model))
+  fn = fast if early else dense
+  extra = {}
+  start = time.perf_counter()
+  jax.block_until_ready(fn(variables, batches[0]))
+  compile_s = time.perf_counter() - start
+  outs = [jax.device_get(fn(variables, b)) for b in batches]
+  extra['token_ratio'] = float(np.mean([o[1]['active'].mean() for o in outs]))
+  if early:
+    jax.block_until_ready(dense(variables, batches[0]))
+    dense_outs = [jax.device_get(dense(variables, b)) for b in batches]
+    same = all(np.array_equal(o[0].argmax(-1), d[0].argmax(-1))
+               for o, d in zip(outs, dense_outs))
+    extra['identical_predictions'] = bool(same)
+    extra['images_checked'] = int(sum(b.shape[0] for b in batches))
+    extra['timesteps_run'] = [int(o[1]['timesteps_run']) for o in outs]
+    dense_t = _timings(lambda: [jax.block_until_ready(dense(variables, b)) for b in batches],
+                       _REPEATS.value)
+    extra['dense_time_median_s'] = dense_t['step_time_median_s']
+
+  def step():
+    for b in batches:
+      jax.block_until_ready(fn(variables, b))
+
+  return compile_s, step, extra, len(batches)
+
+
+def main(argv):
+  del argv
+  import jax
+  from stas_jax import model as model_lib
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError('--config is required')
+  spec = model_lib.spec_from_config(config.model)
+  flops = model_flops(spec)
+  peak = matmul_peak_gflops()
+  batch = _BATCH.value
+  extra, n_batches = {}, 1
+  if _MODE.value == 'train':
+    compile_s, step = bench_train(config, batch, _DEVICES.value)
+    per_image = 3 * flops['total']
+  else:
+    compile_s, step, extra, n_batches = bench_infer(config, batch,
+                                                    _MODE.value == 'infer_early_exit')
+    per_image = flops['total']
+  t = _timings(step, _REPEATS.value)
+  images = batch * n_batches
+  gflop = per_image * images / 1e9
+  result = {
+      'config': config_flags.get_config_filename(flags.FLAGS['config']),
+      'mode': _MODE.value, 'batch': batch, 'devices': _DEVICES.value,
+      'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
+      **{k: v for k, v in t.items()},
+      'images_per_s': images / t['step_time_median_s'],
+      'compile_s': compile_s,
+      'model_gflop_per_step': gflop,
+      'model_gflop_per_image_by_part': {k: v / 1e9 * (3 if _MODE.value == 'train' else 1)
+                                        for k, v in flops.items()},
+      'achieved_gflops': gflop / t['step_time_median_s'],
+      'matmul_peak_gflops': peak,
+      'fraction_of_matmul_peak': gflop / t['step_time_median_s'] / peak,
+      'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+      **extra,
+  }
+  if 'dense_time_median_s' in result:
+    result['time_ratio_vs_dense'] = result['step_time_median_s'] / result['dense_time_median_s']
+  print(json.dumps(result, indent=2))
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(result, f, indent=2)
+
+
+def _set_device_count():
+  """Simulated CPU devices must be requested before jax is imported."""
+  for arg in sys.argv:
+    if arg.startswith('--devices='):
+      n = int(arg.split('=', 1)[1])
+      if n > 1 and 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+        os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                                   f' --xla_force_host_platform_device_count={n}')
+
+
+if __name__ == '__main__':
+  _set_device_count()
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  app.run(main)
