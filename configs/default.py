@@ -27,6 +27,7 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.bn_cross_replica = False    # pmean batch statistics over the 'batch' axis (pmap)
   m.dtype = 'float32'           # compute dtype: 'float32' | 'bfloat16'
   m.remat = False               # jax.checkpoint each encoder block (saves memory)
+  m.unroll_scans = False        # unroll the time and block scans (faster steps, longer compile)
 
   m.neuron = ml_collections.ConfigDict()
   m.neuron.tau = 2.0
@@ -84,6 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 5e-4
+  config.optim.warmup_init_learning_rate = 1e-5  # lr at step 0 (Spikformer's warmup_lr)
   config.optim.min_learning_rate = 1e-5
   config.optim.warmup_epochs = 20
   config.optim.weight_decay = 0.06
@@ -92,8 +94,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.grad_clip_norm = 0.0  # 0 = off
 
   config.parallel = 'pmap'          # 'pmap' | 'jit'
+  config.distributed = False        # jax.distributed.initialize() (also if JAX_COORDINATOR_ADDRESS)
   config.log_every_steps = 50
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
+
+  config.debug = ml_collections.ConfigDict()
+  config.debug.nan_at_step = -1     # tests: poison the inputs of this (1-based) step with NaN
   return config

@@ -3,7 +3,8 @@
 Parameter names follow the PyTorch Spikformer state_dict (proj_conv1, q_linear, fc2_bn, ...), so
 `stas_jax.convert` maps checkpoints one to one. Shapes: B batch, T timesteps, N tokens, D dim.
 """
-from typing import Dict, Optional, Tuple
+import functools
+from typing import Any, Dict, Optional, Tuple
 
 import einops
 import flax.linen as nn
@@ -74,8 +75,60 @@ def batch_norm(spec: ModelSpec, name: str, axis_name: Optional[str]) -> BatchNor
 
 
 def max_pool(x: jax.Array) -> jax.Array:
-  """MaxPool2d(kernel 3, stride 2, padding 1) on NHWC (padding never wins: pads are -inf)."""
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  """MaxPool2d(kernel 3, stride 2, padding 1) on NHWC, as a max over nine strided views.
+
+  Same values as a reduce-window max (pads are -inf, so they never win), but its gradient is
+  a few elementwise selects instead of XLA's select-and-scatter, which is slow on CPU.
+  """
+  _, h, w, _ = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  views = [xp[:, i:i + h:2, j:j + w:2, :] for i in range(3) for j in range(3)]
+  return functools.reduce(jnp.maximum, views)
+
+
+def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@jax.custom_vjp
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """3x3 convolution, stride 1, zero padding 1; x (M, H, W, C), kernel (3, 3, C, F).
+
+  The forward and input gradient are ordinary convolutions; the kernel gradient is one GEMM
+  of the unfolded input (im2col) with the output gradient, several times faster on CPU than
+  the convolution XLA would use for it.
+  """
+  return _conv3x3(x, kernel)
+
+
+def _conv3x3_fwd(x, kernel):
+  return _conv3x3(x, kernel), (x, kernel)
+
+
+def _conv3x3_bwd(res, dy):
+  x, kernel = res
+  flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)     # (3, 3, F, C)
+  dx = _conv3x3(dy, flipped)
+  m, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  cols = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)], -1)
+  dk = jnp.dot(cols.reshape(-1, 9 * c).T, dy.reshape(-1, dy.shape[-1]))
+  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+class Conv3x3(nn.Module):
+  """Bias-free 3x3 'same' convolution (the SPS convs), parameter `kernel` (3, 3, C, F)."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', conv_init, (3, 3, x.shape[-1], self.features), jnp.float32)
+    return conv3x3(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 def multistep_lif(x: jax.Array, steps: int, p: neurons.LIFParams) -> jax.Array:
@@ -99,8 +152,7 @@ class SPS(nn.Module):
     s = self.spec
     c = s.sps_channels
     dt = _dtype(s)
-    conv = lambda f, name: nn.Conv(f, (3, 3), padding=1, use_bias=False, kernel_init=conv_init,
-                                   dtype=dt, name=name)
+    conv = lambda f, name: Conv3x3(f, dt, name=name)
     self.proj_conv = conv(c[0], 'proj_conv')
     self.proj_bn = batch_norm(s, 'proj_bn', self.bn_axis_name)
     self.proj_conv1 = conv(c[1], 'proj_conv1')

@@ -63,8 +63,8 @@ class Encoder(nn.Module):
     batch = u.shape[1]
     cell = nn.remat(EncoderCell) if s.remat else EncoderCell
     blocks = nn.scan(cell, variable_axes={'params': 0, 'batch_stats': 0},
-                     split_rngs={'params': True}, in_axes=0, out_axes=0,
-                     length=s.depth)(s, train, capture, self.bn_axis_name, name='blocks')
+                     split_rngs={'params': True}, in_axes=0, out_axes=0, length=s.depth,
+                     unroll=s.depth if s.unroll_scans else 1)(s, train, capture, self.bn_axis_name, name='blocks')
 
     def time_step(mdl, carry, xs):
       mem, hs = carry
@@ -88,7 +88,8 @@ class Encoder(nn.Module):
     else:
       collections = dict(variable_broadcast=['params', 'batch_stats'])
     scan_time = nn.scan(time_step, split_rngs={'params': False}, in_axes=0, out_axes=0,
-                        length=s.timesteps, **collections)
+                        length=s.timesteps, unroll=s.timesteps if s.unroll_scans else 1,
+                        **collections)
     (_, hs), ys = scan_time(blocks, (mem0, hs0), (u, ts))
     return hs, ys
 

@@ -70,6 +70,7 @@ class ModelSpec:
   bn_cross_replica: bool = False
   dtype: str = 'float32'
   remat: bool = False
+  unroll_scans: bool = False
   neuron: NeuronSpec = NeuronSpec()
   isps: ISPSSpec = ISPSSpec()
   halt: HaltSpec = HaltSpec()

@@ -1,0 +1,53 @@
+"""Layer building blocks against independent references (lax autodiff, flax pooling)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stas_jax import layers
+
+
+def test_conv3x3_value_and_custom_gradient_match_lax():
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 9, 7, 5))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 5, 4))
+
+  def ref(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  np.testing.assert_allclose(np.asarray(layers.conv3x3(x, w)), np.asarray(ref(x, w)), atol=1e-5)
+  loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))
+  got = jax.grad(loss(layers.conv3x3), (0, 1))(x, w)
+  want = jax.grad(loss(ref), (0, 1))(x, w)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('size', [8, 7])
+def test_max_pool_matches_reduce_window(size):
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, size, size, 3))
+  ref = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  np.testing.assert_array_equal(np.asarray(layers.max_pool(x)), np.asarray(ref(x)))
+  g = jax.grad(lambda x: jnp.sum(layers.max_pool(x) ** 2))(x)
+  g_ref = jax.grad(lambda x: jnp.sum(ref(x) ** 2))(x)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-6)
+
+
+def test_masked_batch_norm_counts_active_rows_and_survives_all_halted():
+  x = jnp.array([[1.0, 10.0], [3.0, 20.0], [100.0, -5.0]])[None]   # (1, 3 tokens, 2)
+  mask = jnp.array([[1.0, 1.0, 0.0]])[..., None]
+  bn = layers.BatchNorm(momentum=0.5)
+  variables = bn.init(jax.random.PRNGKey(0), x, False)
+  y, upd = bn.apply(variables, x, True, mask, mutable=['batch_stats'])
+  # Statistics of the two active rows only: mean (2, 15), biased var (1, 25).
+  np.testing.assert_allclose(np.asarray(y[0, :2]), [[-1 / np.sqrt(1 + 1e-5), -5 / np.sqrt(25 + 1e-5)],
+                                                    [1 / np.sqrt(1 + 1e-5), 5 / np.sqrt(25 + 1e-5)]],
+                             rtol=1e-5)
+  # Running stats: 0.5 * init + 0.5 * batch (unbiased var: 2 and 50).
+  np.testing.assert_allclose(np.asarray(upd['batch_stats']['mean']), [1.0, 7.5])
+  np.testing.assert_allclose(np.asarray(upd['batch_stats']['var']), [1.5, 25.5])
+  y0, upd0 = bn.apply(variables, x, True, jnp.zeros_like(mask), mutable=['batch_stats'])
+  assert np.all(np.isfinite(np.asarray(y0)))
+  np.testing.assert_array_equal(np.asarray(upd0['batch_stats']['mean']),
+                                np.asarray(variables['batch_stats']['mean']))
