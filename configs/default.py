@@ -10,7 +10,7 @@ import ml_collections
 def get_model_config() -> ml_collections.ConfigDict:
   """The `model` group: backbone sizes, neurons, I-SPS and halting (spec sections 2-5)."""
   m = ml_collections.ConfigDict()
-  m.geometry = 'cifar'          # 'cifar' (Linear blocks) | 'imagenet' (1x1-conv blocks, no qkv bias)
+  m.geometry = 'cifar'          # 'cifar' (Linear blocks) | 'imagenet' (1x1 convs, no qkv bias)
   m.image_size = 32
   m.in_channels = 3
   m.num_classes = 10

@@ -62,9 +62,10 @@ class Encoder(nn.Module):
     s = self.spec
     batch = u.shape[1]
     cell = nn.remat(EncoderCell) if s.remat else EncoderCell
-    blocks = nn.scan(cell, variable_axes={'params': 0, 'batch_stats': 0},
-                     split_rngs={'params': True}, in_axes=0, out_axes=0, length=s.depth,
-                     unroll=s.depth if s.unroll_scans else 1)(s, train, capture, self.bn_axis_name, name='blocks')
+    scan_blocks = nn.scan(cell, variable_axes={'params': 0, 'batch_stats': 0},
+                          split_rngs={'params': True}, in_axes=0, out_axes=0, length=s.depth,
+                          unroll=s.depth if s.unroll_scans else 1)
+    blocks = scan_blocks(s, train, capture, self.bn_axis_name, name='blocks')
 
     def time_step(mdl, carry, xs):
       mem, hs = carry

@@ -97,7 +97,7 @@ class ModelSpec:
 
   @property
   def qkv_bias(self) -> bool:
-    # The reference's CIFAR blocks use nn.Linear (bias); ImageNet's use bias-free Conv1d for q, k, v.
+    # Reference CIFAR blocks use nn.Linear (bias); ImageNet's use bias-free Conv1d for q, k, v.
     return self.geometry == 'cifar'
 
   @property

@@ -41,9 +41,8 @@ def test_masked_batch_norm_counts_active_rows_and_survives_all_halted():
   variables = bn.init(jax.random.PRNGKey(0), x, False)
   y, upd = bn.apply(variables, x, True, mask, mutable=['batch_stats'])
   # Statistics of the two active rows only: mean (2, 15), biased var (1, 25).
-  np.testing.assert_allclose(np.asarray(y[0, :2]), [[-1 / np.sqrt(1 + 1e-5), -5 / np.sqrt(25 + 1e-5)],
-                                                    [1 / np.sqrt(1 + 1e-5), 5 / np.sqrt(25 + 1e-5)]],
-                             rtol=1e-5)
+  a, b = 1 / np.sqrt(1 + 1e-5), 5 / np.sqrt(25 + 1e-5)
+  np.testing.assert_allclose(np.asarray(y[0, :2]), [[-a, -b], [a, b]], rtol=1e-5)
   # Running stats: 0.5 * init + 0.5 * batch (unbiased var: 2 and 50).
   np.testing.assert_allclose(np.asarray(upd['batch_stats']['mean']), [1.0, 7.5])
   np.testing.assert_allclose(np.asarray(upd['batch_stats']['var']), [1.5, 25.5])
