@@ -1,0 +1,78 @@
+"""Trains and evaluates STAS: `python train.py [--config=configs/<name>.py] [--workdir=DIR]`.
+
+Without --config it runs the offline MNIST demo (configs/demo.py). Override any config key on
+the command line, e.g. `--config.batch_size=64`; the work directory defaults to
+runs/<config file stem>, and rerunning with the same one resumes from its latest checkpoint.
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'demo.py')
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', default=None,
+    help_string='Experiment config file (default: the offline demo, configs/demo.py).',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Checkpoints and logs go here (default: runs/<config file stem>).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Imported here so that flag errors come out before the slow JAX / TF imports.
+  from stas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from stas_jax import train_lib  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  workdir = _WORKDIR.value
+  if workdir is None:
+    stem = os.path.splitext(os.path.basename(config_flags.get_config_filename(
+        flags.FLAGS['config'])))[0]
+    workdir = os.path.join('runs', stem)
+  train_lib.maybe_initialize_distributed(config)
+  logging.info('Config:\n%s', config)
+  logging.info('Work directory: %s', os.path.abspath(workdir))
+  try:
+    train_lib.train_and_evaluate(config, workdir)
+  except input_pipeline.DatasetUnavailableError as e:
+    logging.error('%s', e)
+    sys.exit(f'\nERROR: {e}')
+  except train_lib.NonFiniteLossError as e:
+    sys.exit(f'\nERROR: {e}')
+  except train_lib.TrainingInterrupted as e:
+    logging.warning('%s', e)
+    sys.exit(128 + e.signum)
+
+
+def _parse_flags(argv):
+  """absl's parser, defaulting to the demo config, with a misspelled --config.<key> override reported in one line (with
+  ml_collections' "Did you mean" hint) instead of a traceback."""
+  if not any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
+    argv = argv[:1] + [f'--config={_DEMO_CONFIG}'] + argv[1:]  # so --config.<key> still works
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError) as e:
+    overrides = ' '.join(a for a in argv[1:] if a.startswith('--config.'))
+    hint = e
+    while isinstance(hint, BaseException) and hint.args:  # AttributeError(KeyError(text))
+      hint = hint.args[0]
+    hint = ' '.join(str(hint).split())
+    sys.stderr.write(f'FATAL Flags parsing error: unknown config key in {overrides}: {hint}\n')
+    sys.exit(1)
+
+
+def _quiet_libraries(record) -> bool:
+  """Keeps orbax's per-save INFO chatter out of the progress log (warnings still show)."""
+  return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
+if __name__ == '__main__':
+  flags.FLAGS.set_default('logtostderr', True)  # progress lines on the terminal
+  logging.get_absl_handler().addFilter(_quiet_libraries)
+  app.run(main, flags_parser=_parse_flags)
