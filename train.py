@@ -22,14 +22,24 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Checkpoints and logs go here (default: runs/<config file stem>).')
 
 
+def _split_host_cpu(count: int) -> None:
+  """Asks XLA for `count` CPU devices, so that pmap spreads a CPU run over the cores; must run
+  before JAX starts. An explicit device count in XLA_FLAGS wins."""
+  flags_now = os.environ.get('XLA_FLAGS', '')
+  if count > 0 and 'xla_force_host_platform_device_count' not in flags_now:
+    os.environ['XLA_FLAGS'] = f'{flags_now} --xla_force_host_platform_device_count={count}'.strip()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Imported here so that flag errors come out before the slow JAX / TF imports.
+  config = _CONFIG.value
+  _split_host_cpu(config.get('cpu_devices', 0))
+  # Imported here so that flag errors come out before the slow JAX / TF imports, and after
+  # XLA_FLAGS is final.
   from stas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from stas_jax import train_lib  # pylint: disable=g-import-not-at-top
 
-  config = _CONFIG.value
   workdir = _WORKDIR.value
   if workdir is None:
     stem = os.path.splitext(os.path.basename(config_flags.get_config_filename(
@@ -74,5 +84,5 @@ def _quiet_libraries(record) -> bool:
 
 if __name__ == '__main__':
   flags.FLAGS.set_default('logtostderr', True)  # progress lines on the terminal
-  logging.get_absl_handler().addFilter(_quiet_libraries)
+  logging.get_absl_logger().addFilter(_quiet_libraries)
   app.run(main, flags_parser=_parse_flags)

@@ -50,7 +50,7 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.halt.beta = -3.0
   m.halt.learnable = False
   m.halt.soft_mask = False      # differentiable relaxation of the halting mask (studies)
-  m.halt.soft_temperature = 0.05
+  m.halt.soft_temperature = 0.05  # soft-mask temperature at step 0 (see halt_anneal_steps)
   m.halt.target_cell = 0.75     # centre of the Gaussian prior, as a fraction of the T*L cells
   m.halt.target_sigma = 1.0
   m.halt.alpha_p = 5e-4         # ponder loss weight
@@ -82,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 300
   config.num_train_steps = -1       # > 0 overrides num_epochs
   config.steps_per_eval = -1        # -1: the whole test split
+  # With model.halt.soft_mask: the temperature decays linearly to 0 (hard mask) over this many
+  # steps; -1 = the whole run, 0 = constant. Evaluation always uses the hard mask.
+  config.halt_anneal_steps = 0
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 5e-4
@@ -95,6 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.parallel = 'pmap'          # 'pmap' | 'jit'
   config.distributed = False        # jax.distributed.initialize() (also if JAX_COORDINATOR_ADDRESS)
+  # > 0: train.py splits the host CPU into this many XLA devices (data parallelism over the cores
+  # when training on CPU; ignored if XLA_FLAGS already sets a device count).
+  config.cpu_devices = 0
   config.log_every_steps = 50
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 1000

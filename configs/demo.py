@@ -18,7 +18,7 @@ def get_config():
   config.data.crop_padding = 2      # +-2 pixel shifts
   config.data.hflip = False         # digits are not mirror-symmetric
   config.data.mixup_alpha = 0.0
-  config.data.label_smoothing = 0.0
+  config.data.label_smoothing = 0.1
 
   m = config.model
   m.in_channels = 1
@@ -34,9 +34,10 @@ def get_config():
   m.halt.alpha_p = 5e-3
   m.unroll_scans = True             # ~15% faster steps on CPU for a little more compile time
 
+  config.cpu_devices = 2             # data parallel over the 2 cores (pmap): ~1.6x faster steps
   config.batch_size = 64
   config.eval_batch_size = 500
-  config.num_epochs = 8
+  config.num_epochs = 12
   config.optim.learning_rate = 2e-3
   config.optim.min_learning_rate = 1e-5
   config.optim.warmup_epochs = 1

@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from absl import logging
 from flax.training import train_state
@@ -66,6 +66,31 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
       end_value=o.min_learning_rate)
 
 
+def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """The step at which training ends: `num_train_steps` if > 0, else `num_epochs` epochs."""
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return int(config.num_epochs * steps_per_epoch)
+
+
+def halt_temperature_schedule(config: ml_collections.ConfigDict,
+                              total_steps: int) -> Optional[optax.Schedule]:
+  """Soft halting-mask temperature per step, or None without `model.halt.soft_mask`.
+
+  Decays linearly from `model.halt.soft_temperature` to 0 (the hard mask) over
+  `config.halt_anneal_steps` steps (-1: the whole run; 0: no annealing, a constant).
+  """
+  halt = config.model.halt
+  if not halt.soft_mask:
+    return None
+  steps = config.get('halt_anneal_steps', 0)
+  if steps < 0:
+    steps = total_steps
+  if steps == 0:
+    return optax.constant_schedule(halt.soft_temperature)
+  return optax.linear_schedule(halt.soft_temperature, 0.0, steps)
+
+
 def weight_decay_mask(params: Any) -> Any:
   """True for the weights that get weight decay: those with >= 2 dims per layer (kernels).
 
@@ -98,6 +123,30 @@ def create_train_state(model: model_lib.STAS, rng: jax.Array,
                            batch_stats=variables['batch_stats'])
 
 
+def restore_for_eval(config: ml_collections.ConfigDict, workdir: str
+                     ) -> Tuple[model_lib.STAS, Dict[str, Any], int]:
+  """The newest readable checkpoint of a run, for inference.
+
+  Returns:
+    (model, {'params', 'batch_stats'}, step).
+
+  Raises:
+    FileNotFoundError: `workdir/checkpoints` holds no checkpoint.
+    checkpoint.CheckpointError: checkpoints exist but none can be restored.
+  """
+  model = model_lib.create_model(config.model)
+  # The optimiser state only has to match in structure, so any schedule will do.
+  tx = create_optimizer(config, optax.constant_schedule(0.0))
+  target = jax.eval_shape(lambda: create_train_state(model, jax.random.key(0), tx))
+  directory = os.path.join(workdir, 'checkpoints')
+  with checkpoint.Checkpointer(directory, async_save=False) as ckpt:
+    restored = ckpt.restore_latest(target)
+  if restored is None:
+    raise FileNotFoundError(f'no checkpoint in {directory}')
+  state, _, step = restored
+  return model, {'params': state.params, 'batch_stats': state.batch_stats}, step
+
+
 # --------------------------------------------------------------------------- steps
 
 
@@ -109,6 +158,8 @@ class StepContext:
   std: Any
   num_classes: int
   schedule: optax.Schedule
+  # Soft halting-mask temperature per step (`halt_temperature_schedule`); None: hard mask.
+  halt_temperature: Optional[optax.Schedule] = None
 
   @property
   def spec(self):
@@ -130,7 +181,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], base_key: jax.Arr
       the sharded arrays are global and XLA inserts the collectives.
 
   Returns:
-    (new state, metrics): loss terms, accuracy, token ratio, grad norm, learning rate.
+    (new state, metrics): loss terms, accuracy, token ratio, grad norm, learning rate (and
+    the soft halting-mask temperature when annealed).
   """
   config = ctx.config
   key = jax.random.fold_in(base_key, state.step)
@@ -141,10 +193,14 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], base_key: jax.Arr
   if config.debug.nan_at_step > 0:  # test hook: poison the inputs of one (1-based) step
     images = jnp.where(state.step + 1 == config.debug.nan_at_step, jnp.nan, images)
 
+  halt_kwargs = {}
+  if ctx.halt_temperature is not None:  # traced: annealing never recompiles
+    halt_kwargs['halt_temperature'] = ctx.halt_temperature(state.step)
+
   def loss_fn(params):
     (logits, aux), mutated = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
-        mutable=['batch_stats'])
+        mutable=['batch_stats'], **halt_kwargs)
     loss, terms = losses.total_loss(logits, targets, aux, ctx.spec)
     return loss, (terms, logits, aux['active'], mutated['batch_stats'])
 
@@ -157,6 +213,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], base_key: jax.Arr
   metrics['token_ratio'] = jnp.mean(active)
   metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['learning_rate'] = ctx.schedule(state.step)
+  if halt_kwargs:
+    metrics['halt_temperature'] = halt_kwargs['halt_temperature']
   if axis_name is not None:
     metrics = lax.pmean(metrics, axis_name)
   return new_state, metrics
@@ -173,8 +231,10 @@ def eval_step(state: TrainState, batch: Dict[str, jax.Array], *,
   """
   images, targets = augment.augment_batch(None, batch, ctx.config, epoch=0, mean=ctx.mean,
                                           std=ctx.std, num_classes=ctx.num_classes, train=False)
+  # Evaluation always uses the hard halting mask (temperature 0), also after soft training.
+  hard = {'halt_temperature': 0.0} if ctx.config.model.halt.soft_mask else {}
   logits, aux = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
-                               images, train=False)
+                               images, train=False, **hard)
   mask = batch['mask'].astype(jnp.float32)
   labels = batch['label']
   _, top = lax.top_k(logits, min(5, ctx.num_classes))
@@ -510,11 +570,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if steps_per_epoch < 1:
     raise ValueError(f'config.batch_size={config.batch_size} exceeds the '
                      f'{data.num_train_examples} training examples.')
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else int(config.num_epochs * steps_per_epoch))
+  total_steps = total_train_steps(config, steps_per_epoch)
   schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
   ctx = StepContext(config=config, mean=data.mean, std=data.std,
-                    num_classes=data.num_classes, schedule=schedule)
+                    num_classes=data.num_classes, schedule=schedule,
+                    halt_temperature=halt_temperature_schedule(config, total_steps))
   strategy = create_strategy(ctx)
   model = model_lib.create_model(config.model, bn_axis_name=bn_axis_name(config))
   init_key, aug_key = jax.random.split(jax.random.key(config.seed))

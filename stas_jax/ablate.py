@@ -1,0 +1,349 @@
+"""Ablation study: {sps, isps} x {none, spatial, temporal, spatiotemporal} and a timestep sweep
+of the full model, every row trained and evaluated with the same seed and budget.
+
+  python -m stas_jax.ablate --config=configs/ablation_demo.py --out=runs/ablation \
+      [--study_config=FILE] [--rows=sps-none,isps-spatiotemporal] [--t_sweep=1,2]
+
+Each row is a few config overrides of the one base config, trained in OUT/<row> with
+`train_lib.train_and_evaluate` and evaluated with `stas_jax.evaluate`. Rerunning reuses the
+rows that finished (their eval.json matches the row's config at the last step) and resumes a
+half-trained one from its checkpoint. Writes OUT/ablation.csv, OUT/ablation.md,
+OUT/accuracy_energy.png and OUT/temporal_similarity.png.
+"""
+import csv
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections import config_flags
+
+from stas_jax import energy
+from stas_jax import evaluate
+from stas_jax import input_pipeline
+from stas_jax import plots
+from stas_jax import train_lib
+
+CSV, MD = 'ablation.csv', 'ablation.md'
+ACCURACY_ENERGY_PNG, SIMILARITY_PNG = 'accuracy_energy.png', 'temporal_similarity.png'
+ROW_INFO = 'ablation_row.json'
+EMBED_NAMES = {'sps': 'SPS', 'isps': 'I-SPS'}
+
+
+def default_study() -> ml_collections.ConfigDict:
+  """The study a --study_config file may change (its get_config() returns one like this)."""
+  s = ml_collections.ConfigDict()
+  s.patch_embeds = ('sps', 'isps')
+  s.halt_modes = ('none', 'spatial', 'temporal', 'spatiotemporal')
+  s.rows = ()                      # subset of the grid rows to run ('sps-none', ...); () = all
+  s.full_model = ('isps', 'spatiotemporal')  # the row the timestep sweep varies
+  s.t_sweep = (1, 2, 4, 6)
+  s.baseline = 'sps-none'          # energy saving and accuracy change are relative to this row
+  s.similarity_rows = ('sps-none', 'isps-none')  # the SPS vs I-SPS temporal-similarity plot
+  s.run_plots = True               # each row's own figures in OUT/<row>/plots
+  return s
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One line of the study table.
+
+  Attributes:
+    name: table name, e.g. 'isps-temporal' or 'isps-spatiotemporal-T2'.
+    kind: 'grid' or 't_sweep'.
+    patch_embed, halt_mode, timesteps: the overrides of the base config.
+    run_dir: sub-directory of the run; rows with identical overrides share one.
+  """
+  name: str
+  kind: str
+  patch_embed: str
+  halt_mode: str
+  timesteps: int
+  run_dir: str
+
+
+def study_rows(base: ml_collections.ConfigDict, study: ml_collections.ConfigDict) -> List[Row]:
+  """The grid rows (optionally a subset) followed by the timestep sweep of the full model."""
+  base_t = base.model.timesteps
+  grid = [Row(f'{pe}-{mode}', 'grid', pe, mode, base_t, f'{pe}-{mode}')
+          for pe in study.patch_embeds for mode in study.halt_modes]
+  if study.rows:
+    known = {r.name for r in grid}
+    unknown = sorted(set(study.rows) - known)
+    if unknown:
+      raise ValueError(f'unknown study rows {unknown}; the grid has {sorted(known)}')
+    grid = [r for r in grid if r.name in set(study.rows)]
+  pe, mode = study.full_model
+  sweep = [Row(f'{pe}-{mode}-T{t}', 't_sweep', pe, mode, int(t),
+               f'{pe}-{mode}' if int(t) == base_t else f'{pe}-{mode}-T{t}')
+           for t in study.t_sweep]
+  return grid + sweep
+
+
+def row_config(base: ml_collections.ConfigDict, row: Row) -> ml_collections.ConfigDict:
+  """The base config with the row's patch embedding, halting mode and timesteps."""
+  config = ml_collections.ConfigDict(base.to_dict())
+  config.model.patch_embed = row.patch_embed
+  config.model.halt.mode = row.halt_mode
+  config.model.timesteps = row.timesteps
+  return config
+
+
+def _read_json(path: str) -> Optional[Dict[str, Any]]:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def same_config(recorded: Any, current: Any) -> bool:
+  """Whether a run recorded with config `recorded` (JSON data) is one of `current`: every key
+  it recorded has the same value now. Keys added to the configs since then are ignored, so
+  that a new option (whose default keeps the old behaviour) does not invalidate old runs."""
+  if isinstance(recorded, dict) and isinstance(current, dict):
+    return all(k in current and same_config(v, current[k]) for k, v in recorded.items())
+  return recorded == current
+
+
+def finished_report(run_dir: str, config: ml_collections.ConfigDict) -> Optional[Dict[str, Any]]:
+  """The run's eval.json if it evaluated this config (`same_config`) at its last step."""
+  report = _read_json(os.path.join(run_dir, evaluate.EVAL_JSON))
+  if (report is not None and same_config(report.get('config'), evaluate.config_json(config))
+      and report['step'] >= report['total_steps']):
+    return report
+  return None
+
+
+def training_finished(run_dir: str, total_steps: int) -> bool:
+  """A checkpoint of the last step exists and metrics.jsonl holds the final evaluation."""
+  if not os.path.isdir(os.path.join(run_dir, 'checkpoints', str(total_steps))):
+    return False  # orbax renames a step's directory to its number only once it is complete
+  path = os.path.join(run_dir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return any(r.get('kind') == 'eval' and r.get('step') == total_steps for r in records)
+
+
+def run_row(row: Row, config: ml_collections.ConfigDict, out: str,
+            data: input_pipeline.DataBundle, run_plots: bool) -> Dict[str, Any]:
+  """Trains (or resumes) and evaluates one row unless its run already finished.
+
+  Returns:
+    The run's eval report plus 'train_wall_time_s' (of the session that finished training,
+    None if unknown) and 'reused' ('evaluation', 'training' or None).
+  """
+  run_dir = os.path.join(out, row.run_dir)
+  info_path = os.path.join(run_dir, ROW_INFO)
+  report = finished_report(run_dir, config)
+  reused = 'evaluation'
+  if report is None:
+    total = train_lib.total_train_steps(config, data.steps_per_epoch)
+    reused = 'training'
+    if not training_finished(run_dir, total):
+      reused = None
+      logging.info('%s: training in %s', row.name, run_dir)
+      final = train_lib.train_and_evaluate(config, run_dir)
+      with open(info_path, 'w') as f:
+        json.dump({'train_wall_time_s': final['wall_time_s'], 'start_step': final['start_step'],
+                   'step': final['step']}, f)
+    logging.info('%s: evaluating', row.name)
+    report = evaluate.evaluate_run(run_dir, config, max_batches=-1, with_plots=run_plots,
+                                   data=data)
+  else:
+    logging.info('%s: reusing the finished run in %s', row.name, run_dir)
+  info = _read_json(info_path) or {}
+  return dict(report, train_wall_time_s=info.get('train_wall_time_s'), reused=reused)
+
+
+def _table_rows(rows: Sequence[Row], reports: Dict[str, Dict[str, Any]],
+                baseline: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  out = []
+  for row in rows:
+    r = reports[row.name]
+    line = {'row': row.name, 'kind': row.kind, 'patch_embed': row.patch_embed,
+            'halt_mode': row.halt_mode, 'timesteps': row.timesteps, 'top1': 100 * r['top1'],
+            'top5': 100 * r['top5'], 'energy_mj': r['energy_mj'],
+            'token_ratio': r['token_ratio'], 'timesteps_per_token': r['timesteps'],
+            'delta_top1_pp': None, 'energy_saving_pct': None}
+    if baseline is not None:
+      line['delta_top1_pp'] = 100 * (r['top1'] - baseline['top1'])
+      line['energy_saving_pct'] = 100 * (1 - r['energy_mj'] / baseline['energy_mj'])
+    line.update({f'energy_{k}_mj': r['energy_split_mj'][k] for k in energy.SPLIT})
+    line['train_wall_time_s'] = r.get('train_wall_time_s')
+    line['run_dir'] = row.run_dir
+    out.append(line)
+  return out
+
+
+def _round(value):
+  return float(f'{value:.6g}') if isinstance(value, float) else value
+
+
+def _fmt(value, spec: str, suffix: str = '') -> str:
+  return '-' if value is None else f'{value:{spec}}{suffix}'
+
+
+def format_markdown(lines: List[Dict[str, Any]], base: ml_collections.ConfigDict,
+                    study: ml_collections.ConfigDict, steps: int) -> str:
+  """ablation.md: the grid table (as in the paper) and the timestep-sweep table."""
+  m = base.model
+  md = [f'# Ablation: patch embedding x halting mode, and timesteps\n\n',
+        f'Every row: {base.data.dataset}, dim {m.dim}, depth {m.depth}, {m.heads} heads, '
+        f'seed {base.seed}, {steps} training steps of batch {base.batch_size}; energy per test '
+        f'image (45 nm: 0.9 pJ / AC, 4.6 pJ / MAC); saving and accuracy change vs '
+        f'`{study.baseline}`.\n\n']
+  header = ('row', 'patch embed', 'halting', 'T', 'top-1 (%)', 'change (pp)', 'energy (mJ)',
+            'saving (%)', 'token ratio', 'timesteps')
+  for kind, title in (('grid', 'Grid'), ('t_sweep', 'Timestep sweep of ' +
+                                          '-'.join(study.full_model))):
+    sel = [l for l in lines if l['kind'] == kind]
+    if not sel:
+      continue
+    md.append(f'## {title}\n\n| ' + ' | '.join(header) + ' |\n|' + ' --- |' * len(header) + '\n')
+    for l in sel:
+      cells = (f"`{l['row']}`", EMBED_NAMES.get(l['patch_embed'], l['patch_embed']),
+               l['halt_mode'], l['timesteps'], f"{l['top1']:.2f}",
+               _fmt(l['delta_top1_pp'], '+.2f'), f"{l['energy_mj']:.4f}",
+               _fmt(l['energy_saving_pct'], '.1f'), f"{l['token_ratio']:.3f}",
+               f"{l['timesteps_per_token']:.2f}")
+      md.append('| ' + ' | '.join(str(c) for c in cells) + ' |\n')
+    md.append('\n')
+  md.append('## Energy by part (uJ / image)\n\n| row | ' + ' | '.join(energy.SPLIT) + ' |\n|'
+            + ' --- |' * (len(energy.SPLIT) + 1) + '\n')
+  seen = set()
+  for l in lines:
+    if l['run_dir'] not in seen:
+      seen.add(l['run_dir'])
+      md.append(f"| `{l['row']}` | " + ' | '.join(f"{1e3 * l[f'energy_{k}_mj']:.3f}"
+                                                  for k in energy.SPLIT) + ' |\n')
+  md.append(f'\n![accuracy vs energy]({ACCURACY_ENERGY_PNG})\n')
+  return ''.join(md)
+
+
+def write_outputs(out: str, rows: Sequence[Row], reports: Dict[str, Dict[str, Any]],
+                  base: ml_collections.ConfigDict, study: ml_collections.ConfigDict,
+                  steps: int) -> List[Dict[str, Any]]:
+  """ablation.csv, ablation.md and the two study figures; returns the table lines."""
+  baseline = reports.get(study.baseline)
+  if baseline is None:
+    logging.warning('baseline row %s not in this study: no saving / change columns',
+                    study.baseline)
+  lines = _table_rows(rows, reports, baseline)
+  with open(os.path.join(out, CSV), 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(lines[0]))
+    writer.writeheader()
+    writer.writerows([{k: _round(v) for k, v in l.items()} for l in lines])
+  with open(os.path.join(out, MD), 'w') as f:
+    f.write(format_markdown(lines, base, study, steps))
+  # One point per run: a sweep row that is a grid row's run only adds 'T=..' to its label.
+  points = {}
+  for l in lines:
+    if l['run_dir'] in points:
+      points[l['run_dir']][0] += f" (T={l['timesteps']})"
+      continue
+    sweep = l['kind'] == 't_sweep'
+    points[l['run_dir']] = [
+        f"T={l['timesteps']}" if sweep else l['halt_mode'], l['energy_mj'], l['top1'],
+        f"T sweep ({'+'.join(study.full_model)})" if sweep
+        else EMBED_NAMES.get(l['patch_embed'], l['patch_embed'])]
+  plots.accuracy_energy(os.path.join(out, ACCURACY_ENERGY_PNG),
+                        [tuple(p) for p in points.values()],
+                        title=f'{base.data.dataset}: accuracy vs energy per image')
+  curves = {}
+  by_run = {row.run_dir: reports[row.name] for row in rows}
+  for name in study.similarity_rows:  # a grid row's name is its run directory
+    r = reports.get(name, by_run.get(name))
+    if r is not None:
+      pe = EMBED_NAMES.get(r['config']['model']['patch_embed'], name)
+      curves[f"{pe} ({r['config']['model']['halt']['mode']})"] = (
+          r['temporal_similarity_all_tokens'])
+  if len(curves) >= 2:
+    plots.temporal_similarity(os.path.join(out, SIMILARITY_PNG), curves,
+                              title='Encoder-block inputs: cosine similarity, t vs t+1 '
+                                    '(trained runs, test set)')
+  else:
+    logging.warning('similarity rows %s not all in this study: no %s',
+                    list(study.similarity_rows), SIMILARITY_PNG)
+  return lines
+
+
+def run_study(base: ml_collections.ConfigDict, out: str,
+              study: Optional[ml_collections.ConfigDict] = None) -> List[Dict[str, Any]]:
+  """Runs (or reuses) every row of the study, then writes the table and figures.
+
+  Args:
+    base: the base experiment config; rows override model.patch_embed / halt.mode / timesteps.
+    out: the study directory.
+    study: see `default_study`.
+
+  Returns:
+    The table lines (as in ablation.csv).
+  """
+  study = default_study() if study is None else study
+  start = time.monotonic()
+  os.makedirs(out, exist_ok=True)
+  rows = study_rows(base, study)
+  data = input_pipeline.create_datasets(base, process_index=0, process_count=1)
+  steps = train_lib.total_train_steps(base, data.steps_per_epoch)
+  reports = {}
+  by_dir: Dict[str, Dict[str, Any]] = {}
+  for i, row in enumerate(rows):
+    logging.info('[%d/%d] %s', i + 1, len(rows), row.name)
+    if row.run_dir not in by_dir:
+      by_dir[row.run_dir] = run_row(row, row_config(base, row), out, data, study.run_plots)
+    reports[row.name] = by_dir[row.run_dir]
+  lines = write_outputs(out, rows, reports, base, study, steps)
+  logging.info('Study of %d rows (%d runs) done in %.1f min; see %s', len(rows), len(by_dir),
+               (time.monotonic() - start) / 60, os.path.join(out, MD))
+  return lines
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (importing has no side effects)."""
+  config_flags.DEFINE_config_file('config', default=None, help_string=(
+      'Base experiment config (e.g. configs/ablation_demo.py).'), lock_config=True)
+  config_flags.DEFINE_config_file('study_config', default=None, help_string=(
+      'Optional study config file whose get_config() returns a ConfigDict like '
+      'stas_jax.ablate.default_study().'), lock_config=False)
+  flags.DEFINE_string('out', None, 'Study directory (one sub-directory per run).')
+  flags.DEFINE_list('rows', None, 'Grid rows to run, e.g. sps-none,isps-spatiotemporal '
+                    "(default: the study config's, i.e. all).")
+  flags.DEFINE_list('t_sweep', None, 'Timesteps of the sweep, e.g. 1,2,4,6; empty: no sweep '
+                    "(default: the study config's).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  if f.config is None or f.out is None:
+    raise app.UsageError('--config and --out are required')
+  study = f.study_config if f.study_config is not None else default_study()
+  if f.rows is not None:
+    study.rows = tuple(f.rows)
+  if f.t_sweep is not None:
+    study.t_sweep = tuple(int(t) for t in f.t_sweep)
+  try:
+    run_study(f.config, f.out, study)
+  except train_lib.TrainingInterrupted as e:
+    logging.warning('%s (rerun the same ablate command: finished rows are reused)', e)
+    sys.exit(128 + e.signum)
+  except (train_lib.NonFiniteLossError, input_pipeline.DatasetUnavailableError) as e:
+    sys.exit(f'\nERROR: {e}')
+  with open(os.path.join(f.out, MD)) as fh:
+    print(fh.read())
+
+
+if __name__ == '__main__':
+  define_flags()
+  flags.FLAGS.set_default('logtostderr', True)
+  logging.get_absl_handler().addFilter(evaluate.quiet_orbax)
+  app.run(main)

@@ -1,0 +1,133 @@
+"""stas_jax.ablate: row construction, a tiny study end to end, and a restart that retrains
+nothing."""
+import csv
+import json
+import os
+import shutil
+
+import jax
+import pytest
+
+from configs import ablation_demo
+from configs import smoke
+from stas_jax import ablate
+from stas_jax import evaluate
+from stas_jax import train_lib
+
+
+@pytest.fixture(scope='module')
+def compilation_cache(tmp_path_factory):
+  """Shares test_evaluate's persistent cache: the smoke model compiles once per session."""
+  cache = str(tmp_path_factory.getbasetemp() / 'jax_cache_studies')
+  options = {'jax_compilation_cache_dir': cache,
+             'jax_persistent_cache_min_compile_time_secs': 0.0,
+             'jax_persistent_cache_min_entry_size_bytes': 0}
+  previous = {k: getattr(jax.config, k) for k in options}
+  for k, v in options.items():
+    jax.config.update(k, v)
+  yield cache
+  for k, v in previous.items():
+    jax.config.update(k, v)
+
+
+def _base():
+  config = smoke.get_config()
+  config.update_from_flattened_dict({'num_train_steps': 2, 'steps_per_eval': 1,
+                                     'checkpoint_every_steps': 2})
+  return config
+
+
+def _tiny_study():
+  study = ablate.default_study()
+  study.rows = ('sps-none',)
+  study.t_sweep = (smoke.get_config().model.timesteps,)  # the grid's full model: no new run
+  study.similarity_rows = ('sps-none', 'isps-spatiotemporal')
+  return study
+
+
+def test_default_rows_are_the_grid_and_the_t_sweep():
+  base = ablation_demo.get_config()
+  rows = ablate.study_rows(base, ablate.default_study())
+  names = [r.name for r in rows]
+  assert names[:8] == [f'{pe}-{m}' for pe in ('sps', 'isps')
+                       for m in ('none', 'spatial', 'temporal', 'spatiotemporal')]
+  assert names[8:] == [f'isps-spatiotemporal-T{t}' for t in (1, 2, 4, 6)]
+  assert base.model.timesteps == 4
+  # T = 4 is the grid's full-model run itself: 11 runs for 12 rows.
+  assert len({r.run_dir for r in rows}) == 11
+  config = ablate.row_config(base, rows[1])
+  assert (config.model.patch_embed, config.model.halt.mode) == ('sps', 'spatial')
+  # Rows differ from the base config only in the three study keys.
+  flat = lambda c: {k: v for k, v in evaluate.config_json(c).items() if k != 'model'}
+  assert flat(config) == flat(base)
+  with pytest.raises(ValueError, match='unknown study rows'):
+    study = ablate.default_study()
+    study.rows = ('sps-nothing',)
+    ablate.study_rows(base, study)
+
+
+def test_same_config_ignores_keys_added_since_the_run():
+  recorded = {'seed': 0, 'model': {'dim': 16, 'halt': {'mode': 'none'}}}
+  assert ablate.same_config(recorded, {'seed': 0, 'new_key': 1,
+                                       'model': {'dim': 16, 'halt': {'mode': 'none', 'x': 2}}})
+  assert not ablate.same_config(recorded, {'seed': 0, 'model': {'dim': 32,
+                                                                'halt': {'mode': 'none'}}})
+  assert not ablate.same_config(recorded, {'seed': 0, 'model': {'dim': 16}})
+
+
+@pytest.fixture(scope='module')
+def first_study(tmp_path_factory, compilation_cache):
+  del compilation_cache
+  out = str(tmp_path_factory.mktemp('study'))
+  lines = ablate.run_study(_base(), out, _tiny_study())
+  return out, lines
+
+
+def test_tiny_study_writes_table_and_figures(first_study):
+  out, lines = first_study
+  assert [l['row'] for l in lines] == ['sps-none', 'isps-spatiotemporal-T2']
+  assert sorted(d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))) == [
+      'isps-spatiotemporal', 'sps-none']
+  with open(os.path.join(out, ablate.CSV)) as f:
+    rows = list(csv.DictReader(f))
+  assert [r['row'] for r in rows] == [l['row'] for l in lines]
+  assert float(rows[0]['energy_saving_pct']) == 0.0
+  for name in (ablate.MD, ablate.ACCURACY_ENERGY_PNG, ablate.SIMILARITY_PNG):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  with open(os.path.join(out, ablate.MD)) as f:
+    md = f.read()
+  assert '`sps-none`' in md and 'saving (%)' in md and 'Timestep sweep' in md
+  assert all(line['timesteps'] == 2 for line in lines)
+
+
+def test_restart_retrains_nothing(first_study, monkeypatch):
+  out, lines = first_study
+
+  def forbidden(*args, **kwargs):
+    raise AssertionError('a finished row was trained or evaluated again')
+
+  monkeypatch.setattr(train_lib, 'train_and_evaluate', forbidden)
+  monkeypatch.setattr(evaluate, 'evaluate_run', forbidden)
+  again = ablate.run_study(_base(), out, _tiny_study())
+  assert again == lines
+
+
+def test_trained_but_unevaluated_row_is_only_evaluated(first_study, monkeypatch, tmp_path):
+  out, _ = first_study
+  copy = str(tmp_path / 'study')
+  shutil.copytree(out, copy)
+  os.remove(os.path.join(copy, 'sps-none', evaluate.EVAL_JSON))
+  calls = []
+  real = evaluate.evaluate_run
+
+  def counting(workdir, *args, **kwargs):
+    calls.append(os.path.basename(workdir))
+    return real(workdir, *args, **kwargs)
+
+  monkeypatch.setattr(train_lib, 'train_and_evaluate',
+                      lambda *a, **k: pytest.fail('retrained a finished run'))
+  monkeypatch.setattr(evaluate, 'evaluate_run', counting)
+  ablate.run_study(_base(), copy, _tiny_study())
+  assert calls == ['sps-none']
+  with open(os.path.join(copy, 'sps-none', evaluate.EVAL_JSON)) as f:
+    assert json.load(f)['step'] == 2
