@@ -4,6 +4,7 @@ Without --config it runs the offline MNIST demo (configs/demo.py). Override any 
 the command line, e.g. `--config.batch_size=64`; the work directory defaults to
 runs/<config file stem>, and rerunning with the same one resumes from its latest checkpoint.
 """
+import logging as std_logging
 import os
 import sys
 
@@ -22,21 +23,11 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Checkpoints and logs go here (default: runs/<config file stem>).')
 
 
-def _split_host_cpu(count: int) -> None:
-  """Asks XLA for `count` CPU devices, so that pmap spreads a CPU run over the cores; must run
-  before JAX starts. An explicit device count in XLA_FLAGS wins."""
-  flags_now = os.environ.get('XLA_FLAGS', '')
-  if count > 0 and 'xla_force_host_platform_device_count' not in flags_now:
-    os.environ['XLA_FLAGS'] = f'{flags_now} --xla_force_host_platform_device_count={count}'.strip()
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  _split_host_cpu(config.get('cpu_devices', 0))
-  # Imported here so that flag errors come out before the slow JAX / TF imports, and after
-  # XLA_FLAGS is final.
+  # Imported here so that flag errors come out before the slow JAX / TF imports.
   from stas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from stas_jax import train_lib  # pylint: disable=g-import-not-at-top
 
@@ -61,8 +52,9 @@ def main(argv):
 
 
 def _parse_flags(argv):
-  """absl's parser, defaulting to the demo config, with a misspelled --config.<key> override reported in one line (with
-  ml_collections' "Did you mean" hint) instead of a traceback."""
+  """absl's flag parser, with configs/demo.py as the default --config, and with a misspelled
+  --config.<key> override reported in one line (ml_collections' "Did you mean" hint included)
+  instead of a traceback."""
   if not any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
     argv = argv[:1] + [f'--config={_DEMO_CONFIG}'] + argv[1:]  # so --config.<key> still works
   try:
@@ -79,7 +71,8 @@ def _parse_flags(argv):
 
 def _quiet_libraries(record) -> bool:
   """Keeps orbax's per-save INFO chatter out of the progress log (warnings still show)."""
-  return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+  return (record.levelno >= std_logging.WARNING
+          or f'{os.sep}orbax{os.sep}' not in record.pathname)
 
 
 if __name__ == '__main__':

