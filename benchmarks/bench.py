@@ -243,7 +243,10 @@ def _set_device_count():
       n = int(arg.split('=', 1)[1])
       if n > 1 and 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
         os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                                   f' --xla_force_host_platform_device_count={n}')
+                                   f' --xla_force_host_platform_device_count={n}'
+                                   # simulated devices share the cores; XLA aborts a collective
+                                   # that waits over 40 s by default
+                                   ' --xla_cpu_collective_call_terminate_timeout_seconds=3600')
 
 
 if __name__ == '__main__':

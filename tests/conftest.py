@@ -1,9 +1,12 @@
 """Test setup: 8 virtual CPU devices for multi-device tests, fast compiles."""
 import os
 
-# Must happen before jax is imported anywhere.
+# Must happen before jax is imported anywhere. Eight virtual devices share two cores, so one
+# device can reach a pmap collective long after the others; XLA:CPU aborts the process when a
+# collective waits longer than 40 s by default, which a loaded machine exceeds.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=3600").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
