@@ -42,7 +42,6 @@ def main(argv):
   try:
     train_lib.train_and_evaluate(config, workdir)
   except input_pipeline.DatasetUnavailableError as e:
-    logging.error('%s', e)
     sys.exit(f'\nERROR: {e}')
   except train_lib.NonFiniteLossError as e:
     sys.exit(f'\nERROR: {e}')

@@ -9,9 +9,9 @@ for 2 epochs of batch 32 (250 steps; the demo's 1-epoch warm-up, then cosine dec
 same seed and augmentation, then evaluates on the 1,000 test digits; only model.patch_embed,
 model.halt.mode and model.timesteps differ.
 
-Measured (2 shared CPU cores, 39 minutes for the 11 runs): Spikformer (sps-none) 95.4% at
-0.0083 mJ per image; I-SPS + spatiotemporal halting 94.0% at 0.0037 mJ (55% less energy,
-token ratio 0.77, 3.1 timesteps per token). The table is in README.md, section "Studies".
+Measured (2 shared CPU cores, 28 minutes for the 11 runs): Spikformer (sps-none) 96.0% at
+0.0079 mJ per image; I-SPS + spatiotemporal halting 93.0% at 0.0036 mJ (55% less energy,
+token ratio 0.78, 3.1 timesteps per token). The table is in README.md, section "Studies".
 """
 from configs import demo
 

@@ -102,13 +102,28 @@ def _read_json(path: str) -> Optional[Dict[str, Any]]:
     return json.load(f)
 
 
-def same_config(recorded: Any, current: Any) -> bool:
-  """Whether a run recorded with config `recorded` (JSON data) is one of `current`: every key
-  it recorded has the same value now. Keys added to the configs since then are ignored, so
-  that a new option (whose default keeps the old behaviour) does not invalidate old runs."""
+class StaleRunError(RuntimeError):
+  """A row's directory holds a run of a different config."""
+
+
+def config_differences(recorded: Any, current: Any, name: str = '') -> List[str]:
+  """The keys whose value a run recorded (JSON data) differs from the current config's.
+
+  Only keys in both are compared: keys added to or removed from the configs since the run are
+  taken to keep the behaviour it had (a new option's default is the old behaviour).
+  """
   if isinstance(recorded, dict) and isinstance(current, dict):
-    return all(k in current and same_config(v, current[k]) for k, v in recorded.items())
-  return recorded == current
+    out = []
+    for key in recorded.keys() & current.keys():
+      out.extend(config_differences(recorded[key], current[key],
+                                    f'{name}.{key}' if name else key))
+    return sorted(out)
+  return [] if recorded == current else [f'{name or "config"}: {recorded!r} -> {current!r}']
+
+
+def same_config(recorded: Any, current: Any) -> bool:
+  """Whether a run recorded with config `recorded` is one of `current` (`config_differences`)."""
+  return not config_differences(recorded, current)
 
 
 def finished_report(run_dir: str, config: ml_collections.ConfigDict) -> Optional[Dict[str, Any]]:
@@ -145,6 +160,13 @@ def run_row(row: Row, config: ml_collections.ConfigDict, out: str,
   report = finished_report(run_dir, config)
   reused = 'evaluation'
   if report is None:
+    recorded = _read_json(os.path.join(run_dir, 'config.json'))
+    if recorded is not None:
+      diff = config_differences(recorded, evaluate.config_json(config))
+      if diff:
+        raise StaleRunError(
+            f'{run_dir} holds a run of another config ({"; ".join(diff[:4])}'
+            f'{"; ..." if len(diff) > 4 else ""}); delete it or choose another --out.')
     total = train_lib.total_train_steps(config, data.steps_per_epoch)
     reused = 'training'
     if not training_finished(run_dir, total):
@@ -336,7 +358,8 @@ def main(argv):
   except train_lib.TrainingInterrupted as e:
     logging.warning('%s (rerun the same ablate command: finished rows are reused)', e)
     sys.exit(128 + e.signum)
-  except (train_lib.NonFiniteLossError, input_pipeline.DatasetUnavailableError) as e:
+  except (train_lib.NonFiniteLossError, input_pipeline.DatasetUnavailableError,
+          StaleRunError) as e:
     sys.exit(f'\nERROR: {e}')
   with open(os.path.join(f.out, MD)) as fh:
     print(fh.read())

@@ -3,6 +3,7 @@ nothing."""
 import csv
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -66,13 +67,12 @@ def test_default_rows_are_the_grid_and_the_t_sweep():
     ablate.study_rows(base, study)
 
 
-def test_same_config_ignores_keys_added_since_the_run():
-  recorded = {'seed': 0, 'model': {'dim': 16, 'halt': {'mode': 'none'}}}
+def test_config_differences_compare_the_keys_both_configs_have():
+  recorded = {'seed': 0, 'old_key': 1, 'model': {'dim': 16, 'halt': {'mode': 'none'}}}
   assert ablate.same_config(recorded, {'seed': 0, 'new_key': 1,
                                        'model': {'dim': 16, 'halt': {'mode': 'none', 'x': 2}}})
-  assert not ablate.same_config(recorded, {'seed': 0, 'model': {'dim': 32,
-                                                                'halt': {'mode': 'none'}}})
-  assert not ablate.same_config(recorded, {'seed': 0, 'model': {'dim': 16}})
+  assert ablate.config_differences(recorded, {'seed': 1, 'model': {'dim': 16, 'halt': {
+      'mode': 'temporal'}}}) == ["model.halt.mode: 'none' -> 'temporal'", 'seed: 0 -> 1']
 
 
 @pytest.fixture(scope='module')
@@ -131,3 +131,16 @@ def test_trained_but_unevaluated_row_is_only_evaluated(first_study, monkeypatch,
   assert calls == ['sps-none']
   with open(os.path.join(copy, 'sps-none', evaluate.EVAL_JSON)) as f:
     assert json.load(f)['step'] == 2
+
+
+def test_run_of_another_config_is_refused_not_reused(first_study, monkeypatch, tmp_path):
+  out, _ = first_study
+  copy = str(tmp_path / 'study')
+  shutil.copytree(out, copy)
+  monkeypatch.setattr(train_lib, 'train_and_evaluate',
+                      lambda *a, **k: pytest.fail('trained over a run of another config'))
+  base = _base()
+  base.optim.learning_rate = 5e-4
+  with pytest.raises(ablate.StaleRunError,
+                     match=re.escape('optim.learning_rate: 0.001 -> 0.0005')):
+    ablate.run_study(base, copy, _tiny_study())
