@@ -10,7 +10,6 @@ achieved GFLOP/s, the machine's fp32 matmul peak measured in the same run, and p
 infer_early_exit also times the dense path in the same run and checks identical predictions.
 Numbers are noisy on shared machines: compare ratios measured in one run.
 """
-import functools
 import json
 import os
 import resource
@@ -246,7 +245,7 @@ def _set_device_count():
                                    f' --xla_force_host_platform_device_count={n}'
                                    # simulated devices share the cores; XLA aborts a collective
                                    # that waits over 40 s by default
-                                   ' --xla_cpu_collective_call_terminate_timeout_seconds=3600')
+                                   ' --xla_cpu_collective_call_terminate_timeout_seconds=300')
 
 
 if __name__ == '__main__':

@@ -217,7 +217,7 @@ def format_markdown(lines: List[Dict[str, Any]], base: ml_collections.ConfigDict
                     study: ml_collections.ConfigDict, steps: int) -> str:
   """ablation.md: the grid table (as in the paper) and the timestep-sweep table."""
   m = base.model
-  md = [f'# Ablation: patch embedding x halting mode, and timesteps\n\n',
+  md = ['# Ablation: patch embedding x halting mode, and timesteps\n\n',
         f'Every row: {base.data.dataset}, dim {m.dim}, depth {m.depth}, {m.heads} heads, '
         f'seed {base.seed}, {steps} training steps of batch {base.batch_size}; energy per test '
         f'image (45 nm: 0.9 pJ / AC, 4.6 pJ / MAC); saving and accuracy change vs '

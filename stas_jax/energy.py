@@ -18,7 +18,7 @@ Counting rules, per image:
     multiply, so this is the favourable reading; `reduce = 'sum'` has integer inputs).
 Energy = E_MAC * MACs + E_AC * SOPs (45 nm: 4.6 pJ and 0.9 pJ).
 """
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +75,7 @@ def _require(group: Mapping[str, Any], keys, where: str):
 
 
 def estimate(aux: Mapping[str, Any], model_config, *, e_mac_pj: float = E_MAC_PJ,
-             e_ac_pj: float = E_AC_PJ) -> Dict[str, Any]:
+             e_ac_pj: float = E_AC_PJ, weights: Optional[Any] = None) -> Dict[str, Any]:
   """Per-image energy, operation counts, token usage and firing rates from the model's aux.
 
   Pure jnp and jit-able (close over the config: `jax.jit(lambda a: estimate(a, cfg))`);
@@ -87,6 +87,8 @@ def estimate(aux: Mapping[str, Any], model_config, *, e_mac_pj: float = E_MAC_PJ
     model_config: `config.model` (ConfigDict, dict or ModelSpec) of the model that made aux.
     e_mac_pj: energy of one multiply-accumulate, picojoules.
     e_ac_pj: energy of one accumulate, picojoules.
+    weights: optional (B,) weight of each image in the pooled firing rates (e.g. the 0/1 mask
+      of a padded eval batch); None weighs every image 1. Per-image outputs ignore it.
 
   Returns:
     energy_mj (B,): E_MAC * MACs + E_AC * SOPs, millijoules per image.
@@ -163,23 +165,27 @@ def estimate(aux: Mapping[str, Any], model_config, *, e_mac_pj: float = E_MAC_PJ
       'macs': macs,
       'token_ratio': jnp.sum(active, axis=(0, 1, 3)) / (steps * depth * tokens),
       'timesteps': jnp.mean(jnp.sum(per_step, axis=0), axis=-1),
-      'firing_rates': _firing_rates(s, bs, ss, n_active, batch),
+      'firing_rates': _firing_rates(s, bs, ss, n_active,
+                                    ones if weights is None else f32(weights)),
   }
   return out
 
 
-def _firing_rates(s: ModelSpec, bs, ss, n_active, batch: int) -> Dict[str, jax.Array]:
+def _firing_rates(s: ModelSpec, bs, ss, n_active, weights) -> Dict[str, jax.Array]:
+  """Spikes / neurons pooled over the images, each image weighted by `weights` (B,)."""
   rates = {}
   cells, steps = _sps_layout(s)
+  images = jnp.maximum(jnp.sum(weights), 1e-12)
   for name in SPS_LIFS:
-    rates[f'patch_embed.{name}'] = jnp.sum(ss[name]) / (batch * steps[name] * cells[name])
-  token_steps = jnp.sum(n_active, axis=(0, 2))                       # (L,) active token-steps
+    rates[f'patch_embed.{name}'] = (jnp.sum(ss[name] * weights) /
+                                    (images * steps[name] * cells[name]))
+  token_steps = jnp.sum(n_active * weights, axis=(0, 2))             # (L,) active token-steps
   width = {'fc1_lif': s.hidden_dim}
   for l in range(s.depth):
     for part, names in (('attn', ATTN_LIFS), ('mlp', MLP_LIFS)):
       for name in names:
         neurons = token_steps[l] * width.get(name, s.dim)
-        spikes = jnp.sum(bs[name][:, l])
+        spikes = jnp.sum(bs[name][:, l] * weights)
         rates[f'block.{l}.{part}.{name}'] = spikes / jnp.maximum(neurons, 1e-12)
   return rates
 

@@ -23,14 +23,12 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
-import optax
 
 from stas_jax import augment
 from stas_jax import early_exit
 from stas_jax import energy
 from stas_jax import halting
 from stas_jax import input_pipeline
-from stas_jax import model as model_lib
 from stas_jax import plots
 from stas_jax import train_lib
 
@@ -70,25 +68,9 @@ def _batch_sums(variables, batch, *, model, config, data):
   spec = model.spec
   images, targets = _eval_inputs(config, data, batch)
   logits, aux = model.apply(variables, images, capture=True, **_forward_kwargs(config))
+  sums = train_lib.masked_eval_sums(logits, targets, batch['label'], batch['mask'], aux, spec,
+                                    rates_prefix='firing_rates/')
   mask = batch['mask'].astype(jnp.float32)
-  count = jnp.sum(mask)
-  labels = batch['label']
-  _, top = jax.lax.top_k(logits, min(5, data.num_classes))
-  e = energy.estimate(aux, spec)
-  per_image = {
-      'top1': (top[:, 0] == labels).astype(jnp.float32),
-      'top5': jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32),
-      'loss': optax.softmax_cross_entropy(logits, targets),
-      'energy_mj': e['energy_mj'],
-      'token_ratio': e['token_ratio'],
-      'timesteps': e['timesteps'],
-  }
-  per_image.update({f'energy_split_mj/{k}': v for k, v in e['energy_split_mj'].items()})
-  per_image.update({f'sops/{k}': v for k, v in e['sops'].items()})
-  sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
-  # Firing rates are pooled over the batch; weighting by the count averages them over batches.
-  sums.update({f'firing_rates/{k}': v * count for k, v in e['firing_rates'].items()})
-  sums['count'] = count
   active = aux['active'] * mask[None, None, :, None]                  # (T, L, B, N)
   sums['cell_active'] = jnp.sum(active, axis=(2, 3))                   # (T, L)
   # Similarity sums: the mean times its weight, so that batches combine exactly.

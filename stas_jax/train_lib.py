@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from absl import logging
 from flax.training import train_state
@@ -222,23 +222,30 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], base_key: jax.Arr
 
 def eval_step(state: TrainState, batch: Dict[str, jax.Array], *,
               ctx: StepContext) -> Dict[str, jax.Array]:
-  """Masked sums over one eval batch (no collectives: the caller adds devices and batches).
-
-  Returns:
-    {'count', 'top1', 'top5', 'loss', 'energy_mj', 'token_ratio', 'timesteps',
-    'energy_split_mj/<group>': sums over real examples; 'firing_rate/<layer>': batch rate
-    times count (a count-weighted average over batches)}.
-  """
+  """Masked sums over one eval batch (`masked_eval_sums`); no collectives: the caller adds
+  devices and batches."""
   images, targets = augment.augment_batch(None, batch, ctx.config, epoch=0, mean=ctx.mean,
                                           std=ctx.std, num_classes=ctx.num_classes, train=False)
   # Evaluation always uses the hard halting mask (temperature 0), also after soft training.
   hard = {'halt_temperature': 0.0} if ctx.config.model.halt.soft_mask else {}
   logits, aux = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
                                images, train=False, **hard)
-  mask = batch['mask'].astype(jnp.float32)
-  labels = batch['label']
-  _, top = lax.top_k(logits, min(5, ctx.num_classes))
-  e = energy.estimate(aux, ctx.spec)
+  return masked_eval_sums(logits, targets, batch['label'], batch['mask'], aux, ctx.spec)
+
+
+def masked_eval_sums(logits: jax.Array, targets: jax.Array, labels: jax.Array,
+                     mask: jax.Array, aux: Dict[str, Any], spec,
+                     rates_prefix: str = 'firing_rate/') -> Dict[str, jax.Array]:
+  """Sums over the real (mask 1) examples of a batch, so that batches and devices add up.
+
+  Returns:
+    {'count', 'top1', 'top5', 'loss', 'energy_mj', 'token_ratio', 'timesteps',
+    'energy_split_mj/<group>'}: sums over real examples; '<rates_prefix><layer>': the batch's
+    pooled firing rate (padding excluded) times count, a count-weighted average over batches.
+  """
+  mask = mask.astype(jnp.float32)
+  _, top = lax.top_k(logits, min(5, logits.shape[-1]))
+  e = energy.estimate(aux, spec, weights=mask)
   per_image = {
       'top1': (top[:, 0] == labels).astype(jnp.float32),
       'top5': jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32),
@@ -248,9 +255,10 @@ def eval_step(state: TrainState, batch: Dict[str, jax.Array], *,
       'timesteps': e['timesteps'],
   }
   per_image.update({f'energy_split_mj/{k}': v for k, v in e['energy_split_mj'].items()})
+  per_image.update({f'sops/{k}': v for k, v in e['sops'].items()})
   count = jnp.sum(mask)
   sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
-  sums.update({f'firing_rate/{k}': v * count for k, v in e['firing_rates'].items()})
+  sums.update({f'{rates_prefix}{k}': v * count for k, v in e['firing_rates'].items()})
   sums['count'] = count
   return sums
 
@@ -283,8 +291,11 @@ class PmapStrategy:
     self._train = jax.pmap(functools.partial(train_step, ctx=ctx, axis_name=AXIS),
                            axis_name=AXIS, in_axes=(0, 0, None, None), donate_argnums=(0,),
                            devices=self.devices)
-    self._eval = jax.pmap(functools.partial(eval_step, ctx=ctx), axis_name=AXIS,
-                          devices=self.devices)
+    # Devices are added inside the pmap: reducing its sharded output afterwards would run one
+    # more multi-device program per metric, and on CPU such programs, queued behind the pmap,
+    # can deadlock in XLA's collective rendezvous.
+    self._eval = jax.pmap(lambda state, batch: lax.psum(eval_step(state, batch, ctx=ctx), AXIS),
+                          axis_name=AXIS, devices=self.devices)
     self._pmean = jax.pmap(lambda t: lax.pmean(t, AXIS), axis_name=AXIS, devices=self.devices)
 
   def put_state(self, state: TrainState) -> TrainState:
@@ -311,7 +322,8 @@ class PmapStrategy:
     return self._train(state, self.put_batch(batch), base_key, epoch)
 
   def eval_sums(self, state, batch):
-    return jax.tree.map(lambda x: jnp.sum(x, 0), self._eval(state, self.put_batch(batch)))
+    return jax.tree.map(lambda x: x.addressable_shards[0].data[0],
+                        self._eval(state, self.put_batch(batch)))
 
   def host_metrics(self, metrics) -> Dict[str, float]:
     return {k: float(v[0]) for k, v in jax.device_get(metrics).items()}

@@ -3,10 +3,11 @@ import os
 
 # Must happen before jax is imported anywhere. Eight virtual devices share two cores, so one
 # device can reach a pmap collective long after the others; XLA:CPU aborts the process when a
-# collective waits longer than 40 s by default, which a loaded machine exceeds.
+# collective waits longer than 40 s by default, which a loaded machine can exceed. 300 s still
+# turns a real deadlock into an abort with a message instead of a hang.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
-                           " --xla_cpu_collective_call_terminate_timeout_seconds=3600").strip()
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=300").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -121,6 +121,19 @@ def test_hand_counted_sops_and_energy():
     np.testing.assert_allclose(rates[name], want, rtol=1e-6, err_msg=name)
 
 
+def test_firing_rate_weights_exclude_padded_images():
+  """weights [1, 0]: rates are those of image 0 alone (e.g. a padded last eval batch)."""
+  rates = energy.estimate(tiny_aux(), TINY, weights=np.float32([1, 0]))['firing_rates']
+  # Image 0: active token-steps 4 + 2 = 6; SPS spikes 40, 50, 60, 100, 16 over one image.
+  want = {'block.0.attn.q_lif': (5 + 2) / (6 * 8), 'block.0.mlp.fc1_lif': (20 + 5) / (6 * 16),
+          'patch_embed.proj_lif': 40 / (2 * 64), 'patch_embed.rpe_lif': 16 / (2 * 32)}
+  for name, value in want.items():
+    np.testing.assert_allclose(rates[name], value, rtol=1e-6, err_msg=name)
+  unweighted = energy.estimate(tiny_aux(), TINY)
+  weighted = energy.estimate(tiny_aux(), TINY, weights=np.float32([1, 0]))
+  np.testing.assert_array_equal(weighted['energy_mj'], unweighted['energy_mj'])
+
+
 def test_hand_counted_energy_constants_are_keywords():
   out = energy.estimate(tiny_aux(), TINY, e_mac_pj=1.0, e_ac_pj=1.0)
   # 1 pJ per operation: image 0 = 576 + 16 MACs + 3024 + 560 + 504 SOPs = 4680.
