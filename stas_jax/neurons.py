@@ -6,7 +6,7 @@ hard reset to v_reset, detached reset, a spike when the membrane reaches the thr
 import dataclasses
 import functools
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -102,14 +102,18 @@ def lif_step_masked(v: jax.Array, x: jax.Array, mask: jax.Array,
   return mask * v_new + (1.0 - mask) * v, mask * s
 
 
-def lif_multistep(x_seq: jax.Array, p: LIFParams,
-                  v0: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+def lif_multistep(x_seq: jax.Array, p: LIFParams, v0: Optional[jax.Array] = None,
+                  unroll: Union[int, bool] = True) -> Tuple[jax.Array, jax.Array]:
   """Runs LIF over the leading time axis with `lax.scan`.
 
   Args:
     x_seq: inputs (T, ...).
     p: neuron constants.
     v0: initial membrane (...); zeros (the reset state) by default.
+    unroll: `lax.scan`'s unroll. Fully unrolled by default: the step is elementwise, so XLA
+      fuses the T steps and their gradient into a few loops instead of writing each step's
+      residuals into stacked buffers (3.4x faster forward + backward on a CPU for the SPS
+      sizes, T = 4).
 
   Returns:
     (spikes (T, ...), final membrane (...)).
@@ -121,5 +125,5 @@ def lif_multistep(x_seq: jax.Array, p: LIFParams,
     v, s = lif_step(v, x, p)
     return v, s
 
-  v_last, s_seq = jax.lax.scan(step, v0, x_seq)
+  v_last, s_seq = jax.lax.scan(step, v0, x_seq, unroll=unroll)
   return s_seq, v_last
