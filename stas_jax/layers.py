@@ -96,9 +96,9 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """3x3 convolution, stride 1, zero padding 1; x (M, H, W, C), kernel (3, 3, C, F).
 
   The forward and input gradient are ordinary convolutions; the kernel gradient is nine GEMMs,
-  one per kernel tap, of the shifted input with the output gradient: 1.7-3x faster on CPU than
-  the convolution XLA would use for it, and 1.1-1.4x faster than one GEMM on the unfolded
-  (im2col) input, whose concatenation costs more than it saves (benchmarks/bench.py).
+  one per kernel tap, of the shifted input with the output gradient: 1.9-3.3x faster on CPU
+  than the convolution XLA would use for it, and 1.2-1.7x faster than one GEMM on the unfolded
+  (im2col) input, whose concatenation costs more than it saves (`benchmarks/kernels.py`).
   """
   return _conv3x3(x, kernel)
 

@@ -112,8 +112,8 @@ def lif_multistep(x_seq: jax.Array, p: LIFParams, v0: Optional[jax.Array] = None
     v0: initial membrane (...); zeros (the reset state) by default.
     unroll: `lax.scan`'s unroll. Fully unrolled by default: the step is elementwise, so XLA
       fuses the T steps and their gradient into a few loops instead of writing each step's
-      residuals into stacked buffers (3.4x faster forward + backward on a CPU for the SPS
-      sizes, T = 4).
+      residuals into stacked buffers (2.3-3.7x faster forward + backward on a CPU for the
+      SPS sizes, T = 4; `benchmarks/kernels.py`).
 
   Returns:
     (spikes (T, ...), final membrane (...)).
