@@ -1,4 +1,5 @@
 """Test setup: 8 virtual CPU devices for multi-device tests, fast compiles."""
+import contextlib
 import os
 
 # Must happen before jax is imported anywhere. Eight virtual devices share two cores, so one
@@ -27,3 +28,20 @@ def tiny_model_config(**overrides):
       node = node[p]
     node[leaf] = value
   return cfg
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(cache: str):
+  """Points jax's persistent compilation cache at `cache`, keeping every entry, for the block;
+  subprocesses given the same directory reuse what this process compiled."""
+  options = {'jax_compilation_cache_dir': cache,
+             'jax_persistent_cache_min_compile_time_secs': 0.0,
+             'jax_persistent_cache_min_entry_size_bytes': 0}
+  previous = {k: getattr(jax.config, k) for k in options}
+  for k, v in options.items():
+    jax.config.update(k, v)
+  try:
+    yield cache
+  finally:
+    for k, v in previous.items():
+      jax.config.update(k, v)

@@ -6,11 +6,11 @@ import os
 import re
 import shutil
 
-import jax
 import pytest
 
 from configs import ablation_demo
 from configs import smoke
+from conftest import persistent_compilation_cache
 from stas_jax import ablate
 from stas_jax import evaluate
 from stas_jax import train_lib
@@ -20,15 +20,8 @@ from stas_jax import train_lib
 def compilation_cache(tmp_path_factory):
   """Shares test_evaluate's persistent cache: the smoke model compiles once per session."""
   cache = str(tmp_path_factory.getbasetemp() / 'jax_cache_studies')
-  options = {'jax_compilation_cache_dir': cache,
-             'jax_persistent_cache_min_compile_time_secs': 0.0,
-             'jax_persistent_cache_min_entry_size_bytes': 0}
-  previous = {k: getattr(jax.config, k) for k in options}
-  for k, v in options.items():
-    jax.config.update(k, v)
-  yield cache
-  for k, v in previous.items():
-    jax.config.update(k, v)
+  with persistent_compilation_cache(cache):
+    yield cache
 
 
 def _base():

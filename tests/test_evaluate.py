@@ -5,11 +5,11 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from configs import smoke
+from conftest import persistent_compilation_cache
 from stas_jax import evaluate
 from stas_jax import train_lib
 
@@ -24,15 +24,8 @@ TOP_KEYS = ('step', 'total_steps', 'count', 'top1', 'top5', 'loss', 'token_ratio
 def compilation_cache(tmp_path_factory):
   """One persistent compilation cache for this module and its subprocess."""
   cache = str(tmp_path_factory.getbasetemp() / 'jax_cache_studies')
-  options = {'jax_compilation_cache_dir': cache,
-             'jax_persistent_cache_min_compile_time_secs': 0.0,
-             'jax_persistent_cache_min_entry_size_bytes': 0}
-  previous = {k: getattr(jax.config, k) for k in options}
-  for k, v in options.items():
-    jax.config.update(k, v)
-  yield cache
-  for k, v in previous.items():
-    jax.config.update(k, v)
+  with persistent_compilation_cache(cache):
+    yield cache
 
 
 @pytest.fixture(scope='module')

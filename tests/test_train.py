@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from configs import cifar100
 from configs import smoke
+from conftest import persistent_compilation_cache
 from stas_jax import checkpoint
 from stas_jax import input_pipeline
 from stas_jax import model as model_lib
@@ -33,15 +34,8 @@ def compilation_cache(tmp_path_factory):
   """A persistent compilation cache shared with the train.py subprocesses: each model config
   compiles once for the whole module."""
   cache = str(tmp_path_factory.mktemp('jax_cache'))
-  options = {'jax_compilation_cache_dir': cache,
-             'jax_persistent_cache_min_compile_time_secs': 0.0,
-             'jax_persistent_cache_min_entry_size_bytes': 0}
-  previous = {k: getattr(jax.config, k) for k in options}
-  for k, v in options.items():
-    jax.config.update(k, v)
-  yield cache
-  for k, v in previous.items():
-    jax.config.update(k, v)
+  with persistent_compilation_cache(cache):
+    yield cache
 
 
 def _smoke(**overrides):
