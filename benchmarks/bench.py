@@ -3,6 +3,7 @@
   python benchmarks/bench.py --config=configs/cifar100_spikformer.py --batch=32 --mode=train \
       --json=OUT.json [--devices=N] [--repeats=5] [--config.model.remat=True]
   python benchmarks/bench.py --config=configs/demo.py --mode=infer_early_exit --restore=runs/demo
+  python benchmarks/bench.py --config=configs/cifar100.py --versus=configs/cifar100_spikformer.py
 
 Times the jitted step after a warm-up; reports median / min / max over repeats, images/s,
 compile time, the model's analytic GFLOP per step (by part: SPS, attention, MLP, head),
@@ -25,6 +26,10 @@ _DEVICES = flags.DEFINE_integer('devices', 1, 'Data-parallel devices (pmap); CPU
                                 'simulated with --xla_force_host_platform_device_count.')
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
+_VERSUS = config_flags.DEFINE_config_file(
+    'versus', None, 'Train mode: also time this config\'s step, alternating with --config\'s '
+    'in the same process, and report the time ratio (robust to a drifting machine load; '
+    'peak_rss_gib then covers both).', lock_config=True)
 _BATCH = flags.DEFINE_integer('batch', 32, 'Global batch size.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'infer', 'infer_early_exit'], 'What to time.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repetitions after the warm-up.')
@@ -81,10 +86,22 @@ def _time(fn):
   return time.perf_counter() - start
 
 
-def _timings(fn, repeats):
-  times = [_time(fn) for _ in range(repeats)]
+def _summary(times):
   return {'step_time_median_s': statistics.median(times), 'step_time_min_s': min(times),
           'step_time_max_s': max(times), 'step_times_s': times}
+
+
+def _timings(fn, repeats):
+  return _summary([_time(fn) for _ in range(repeats)])
+
+
+def _alternating_timings(fn, other, repeats):
+  """Times two steps in turn, so that both see the same machine load."""
+  times, other_times = [], []
+  for _ in range(repeats):
+    times.append(_time(fn))
+    other_times.append(_time(other))
+  return _summary(times), _summary(other_times)
 
 
 def bench_train(config, batch, devices):
@@ -201,6 +218,8 @@ def main(argv):
   peak = matmul_peak_gflops()
   batch = _BATCH.value
   extra, n_batches = {}, 1
+  if _VERSUS.value is not None and _MODE.value != 'train':
+    raise app.UsageError('--versus works with --mode=train')
   if _MODE.value == 'train':
     compile_s, step = bench_train(config, batch, _DEVICES.value)
     per_image = 3 * flops['total']
@@ -208,7 +227,20 @@ def main(argv):
     compile_s, step, extra, n_batches = bench_infer(config, batch,
                                                     _MODE.value == 'infer_early_exit')
     per_image = flops['total']
-  t = _timings(step, _REPEATS.value)
+  if _VERSUS.value is not None:
+    other = _VERSUS.value
+    other_compile_s, other_step = bench_train(other, batch, _DEVICES.value)
+    t, other_t = _alternating_timings(step, other_step, _REPEATS.value)
+    other_flops = model_flops(model_lib.spec_from_config(other.model))
+    extra['versus'] = {
+        'config': config_flags.get_config_filename(flags.FLAGS['versus']),
+        **other_t, 'compile_s': other_compile_s,
+        'model_gflop_per_step': 3 * other_flops['total'] * batch / 1e9}
+    extra['time_ratio_vs_versus'] = t['step_time_median_s'] / other_t['step_time_median_s']
+    extra['time_ratio_vs_versus_min'] = t['step_time_min_s'] / other_t['step_time_min_s']
+    extra['flop_ratio_vs_versus'] = flops['total'] / other_flops['total']
+  else:
+    t = _timings(step, _REPEATS.value)
   images = batch * n_batches
   gflop = per_image * images / 1e9
   result = {
