@@ -8,9 +8,10 @@ Model: dim 96, depth 2, 4 heads, T = 4, 8 x 8 patches (16 tokens), I-SPS + spati
 halting, 1 input channel; 14 epochs of batch 64, AdamW 2e-3 with cosine decay.
 Expected: >= 97% test accuracy in under 10 minutes wall time on 2 CPU cores, compile included;
 the closing table reports accuracy, token ratio, energy per image and timesteps per token.
-Measured (2 shared cores, load average 2.7-3.9 from other jobs): 97.6% top-1, token ratio 0.90,
-0.0035 mJ / image, 3.63 of 4 timesteps per token, 9m11s wall (about 25 s per epoch when the
-cores are free). Runs are deterministic: the same machine gives the same numbers.
+Measured (2 cores, 2026-11-28): 97.7% top-1, token ratio 0.89, 0.0035 mJ / image, 3.59 of 4
+timesteps per token, 6m06s wall; an earlier run beside other jobs took 9m11s. Runs are
+deterministic: the same code on the same machine gives the same numbers (seeds vary about
++-0.5 points).
 The halting constants (gamma 3, alpha_p 5e-3) came from a sweep on this data: the defaults
 (gamma 1, alpha_p 5e-4) leave about 99% of the tokens active.
 """
