@@ -61,7 +61,10 @@ class Encoder(nn.Module):
     """
     s = self.spec
     batch = u.shape[1]
-    cell = nn.remat(EncoderCell) if s.remat else EncoderCell
+    if s.remat:
+      cell = nn.remat(EncoderCell, policy=getattr(jax.checkpoint_policies, s.remat_policy))
+    else:
+      cell = EncoderCell
     scan_blocks = nn.scan(cell, variable_axes={'params': 0, 'batch_stats': 0},
                           split_rngs={'params': True}, in_axes=0, out_axes=0, length=s.depth,
                           unroll=s.depth if s.unroll_scans else 1)

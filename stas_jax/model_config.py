@@ -15,6 +15,8 @@ PATCH_EMBEDS = ('sps', 'isps')
 ISPS_REDUCES = ('mean', 'sum')
 ISPS_INTEGRATE_AT = ('first_lif', 'sps_output')
 DTYPES = ('float32', 'bfloat16')
+# jax.checkpoint_policies used with model.remat: recompute everything, or keep matmul outputs.
+REMAT_POLICIES = ('nothing_saveable', 'dots_saveable')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,7 @@ class ModelSpec:
   bn_cross_replica: bool = False
   dtype: str = 'float32'
   remat: bool = False
+  remat_policy: str = 'nothing_saveable'
   unroll_scans: bool = False
   neuron: NeuronSpec = NeuronSpec()
   isps: ISPSSpec = ISPSSpec()
@@ -150,6 +153,7 @@ def _validate(s: ModelSpec):
   _choice(s.halt.mode, halting.MODES, 'model.halt.mode')
   _choice(s.neuron.surrogate, neurons.SURROGATES, 'model.neuron.surrogate')
   _choice(s.dtype, DTYPES, 'model.dtype')
+  _choice(s.remat_policy, REMAT_POLICIES, 'model.remat_policy')
   p = s.patch_size
   if p < 2 or p > 16 or p & (p - 1):
     raise ValueError(f'model.patch_size={p}: the SPS down-samples with 1 to 4 max-pools, so the '
