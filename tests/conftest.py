@@ -6,9 +6,10 @@ import os
 # device can reach a pmap collective long after the others; XLA:CPU aborts the process when a
 # collective waits longer than 40 s by default, which a loaded machine can exceed. 300 s still
 # turns a real deadlock into an abort with a message instead of a hang.
+COLLECTIVE_TIMEOUT_FLAG = '--xla_cpu_collective_call_terminate_timeout_seconds=300'
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8"
-                           " --xla_cpu_collective_call_terminate_timeout_seconds=300").strip()
+                           f" --xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUT_FLAG}"
+                           ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

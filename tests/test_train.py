@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from configs import cifar100
 from configs import smoke
+from conftest import COLLECTIVE_TIMEOUT_FLAG
 from conftest import persistent_compilation_cache
 from stas_jax import checkpoint
 from stas_jax import input_pipeline
@@ -47,7 +48,7 @@ def _smoke(**overrides):
 def _subprocess_env(cache, devices=1):
   env = dict(os.environ)  # conftest's JAX_PLATFORMS
   env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
-                       '--xla_cpu_collective_call_terminate_timeout_seconds=300',
+                       f'{COLLECTIVE_TIMEOUT_FLAG}',
              JAX_DISABLE_MOST_OPTIMIZATIONS='true', JAX_COMPILATION_CACHE_DIR=cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', PYTHONPATH=REPO)
