@@ -2,13 +2,27 @@
 
 The dense path (`STAS.__call__`) zeroes halted tokens with multiplies, which saves energy on
 neuromorphic hardware but no time on a CPU/GPU. This path gives the same predictions while
-stopping the timestep loop once every token has halted (`lax.while_loop`) and running each
-block only on its active tokens, gathered into a buffer whose size is the smallest of a few
-static capacities that holds them (`lax.switch`), so every shape stays static.
+running blocks only on the tokens still active, and stopping once every token has halted.
+
+How: the active tokens of the whole batch sit in a buffer of C rows (`layers.TokenLayout` says
+where each row sits in the (B, N) grid), and a `lax.while_loop` runs one timestep per
+iteration, its L blocks unrolled (static parameters, no per-cell slicing). C is one of a few
+static capacities (fractions of B * N), so every shape stays static. Under spatiotemporal and
+temporal halting a halted token never becomes active again, so the buffer only shrinks: after
+a timestep whose active tokens fit a smaller capacity, they are compacted into it (a stable
+sort keeps grid order) and the loop goes on there; once none is left it stops. A block whose
+buffer holds no active token is skipped (`lax.cond`). Tokens that halt inside a timestep stay
+in the buffer, masked, until the timestep ends. Spatial halting re-activates every token at
+each timestep, so it runs in the full buffer and saves only the skipped blocks.
+
+The membranes of every block stay in grid layout: the full buffer uses them as they are, a
+compacted one gathers its rows before the block and scatters them back after it, so that a
+compaction moves only the small per-token halting state. Attention, the one step that mixes
+tokens, runs on the grid; the linear layers, BatchNorms and LIFs, nearly all of the work, run
+on the buffer.
 """
-import functools
 import math
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -17,38 +31,28 @@ from stas_jax import halting
 from stas_jax import layers
 from stas_jax.model import STAS
 
-DEFAULT_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+DEFAULT_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 
 
 def capacities(num_tokens: int, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> Tuple[int]:
-  """Sorted static buffer sizes: 0 (skip the block), ceil(f * N) for each fraction, and N."""
-  caps = {0, num_tokens} | {min(num_tokens, math.ceil(f * num_tokens)) for f in fractions}
-  return tuple(sorted(caps))
+  """Buffer sizes, largest first: num_tokens, then ceil(f * num_tokens) for each fraction."""
+  caps = {num_tokens} | {min(num_tokens, math.ceil(f * num_tokens)) for f in fractions}
+  return tuple(sorted((c for c in caps if c > 0), reverse=True))
 
 
-def _gathered_block(block: layers.SSABlock, block_vars, caps: Tuple[int], z, mask, mem):
-  """Runs `block` on the active tokens only, in the smallest buffer that holds every image's."""
-  batch, n = mask.shape
-  active = mask > 0
-  need = jnp.max(jnp.sum(active, axis=1))
-  bucket = jnp.searchsorted(jnp.asarray(caps), need, side='left')
-  # Active tokens first, each image keeping its token order (a stable sort).
-  order = jnp.argsort(~active, axis=1, stable=True)
-  rows = jnp.arange(batch)[:, None]
-  stats_shape = jax.eval_shape(lambda: block.apply(block_vars, z, mask, mem)[2])
+class _Buffer(NamedTuple):
+  """The tokens being processed, in C rows."""
+  rows: jax.Array          # (C,) flat grid index of each row (see layers.TokenLayout)
+  hs: halting.HaltState    # (C,) fields, out (C, D)
 
-  def run(cap):
-    if cap == 0:
-      return z, mem, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
-    if cap == n:
-      return block.apply(block_vars, z, mask, mem)
-    idx = order[:, :cap]
-    take = lambda a: a[rows, idx]
-    z_c, mem_c, stats = block.apply(block_vars, take(z), take(mask), jax.tree.map(take, mem))
-    put = lambda full, part: full.at[rows, idx].set(part)
-    return put(z, z_c), jax.tree.map(put, mem, mem_c), stats
 
-  return jax.lax.switch(bucket, [functools.partial(run, c) for c in caps])
+def _take_rows(buf: _Buffer, idx: jax.Array) -> _Buffer:
+  return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), buf)
+
+
+def _write_home(home_hs: halting.HaltState, buf: _Buffer) -> halting.HaltState:
+  """The halting state of the buffer's tokens written into the (B * N,) grid state."""
+  return jax.tree.map(lambda h, a: h.at[buf.rows].set(a, mode='drop'), home_hs, buf.hs)
 
 
 def apply(model: STAS, variables: Dict[str, Any], images: jax.Array,
@@ -59,67 +63,128 @@ def apply(model: STAS, variables: Dict[str, Any], images: jax.Array,
     model: the network (`stas_jax.model.create_model`).
     variables: {'params', 'batch_stats'}.
     images: (B, H, W, C) normalised images.
-    fractions: buffer capacities as fractions of the token count.
+    fractions: buffer capacities as fractions of the batch's token count B * N.
 
   Returns:
-    (logits, aux) with the dense path's `active`, `cell_weight`, `ponder`, `block_stats`,
-    `sps_stats` (cells never run are inactive with zero statistics), plus `timesteps_run`, the
-    number of timesteps the loop executed.
+    (logits, aux) with the dense path's `active`, `cell_weight`, `ponder`, `halt_loss_terms`,
+    `block_stats`, `sps_stats` (cells never run are inactive with zero statistics), plus
+    `timesteps_run`, the number of timesteps in which any block ran, and `rows_ratio`, the
+    share of the grid's B * N * T * L token-cells that went through a block (padding rows of
+    the buffer included): the work done, which the token ratio bounds from below.
   """
   spec = model.spec
-  T, L = spec.timesteps, spec.depth
+  hp = spec.halt
+  T, L, N, D = spec.timesteps, spec.depth, spec.num_tokens, spec.dim
   u, sps_aux = model.apply(variables, images, False, method=STAS.embed)
   gamma, beta = model.apply(variables, method=STAS.halting_params)
   stacked = {k: variables[k]['encoder']['blocks']['block'] for k in ('params', 'batch_stats')}
   block = layers.SSABlock(spec, train=False)
-  caps = capacities(spec.num_tokens, tuple(fractions))
   batch = images.shape[0]
+  pool = batch * N
+  caps = capacities(pool, tuple(fractions))
+  u = u.reshape((T, pool, D))
+  # Spatial halting restarts every timestep; the other modes only ever halt more tokens.
+  spatial = hp.mode == 'spatial'
 
-  def cell(carry, xs):
-    z, hs, t = carry
-    block_vars, mem, l = xs
-    active = hs.mask
-    z_out, mem, stats = _gathered_block(block, block_vars, caps, z, active, mem)
-    hs, weight = halting.cell_update(spec.halt, hs, z_out, t, l, T, L, gamma, beta)
-    return (z_out, hs, t), (mem, {'active': active, 'weight': weight, 'stats': stats})
+  def token_layout(rows):
+    held = jnp.arange(rows.shape[0], dtype=jnp.int32)
+    slot = jnp.full((pool,), rows.shape[0], jnp.int32).at[rows].set(held, mode='drop')
+    return layers.TokenLayout(rows, slot, batch, N)
 
-  def timestep(carry):
-    t, mem, hs, record = carry
-    if spec.halt.mode == 'spatial':
-      hs = halting.reset_for_timestep(hs)
-    u_t = jax.lax.dynamic_index_in_dim(u, t, keepdims=False)
-    (_, hs, _), (mem, ys) = jax.lax.scan(cell, (u_t, hs, t), (stacked, mem, jnp.arange(L)))
-    record = jax.tree.map(lambda r, y: jax.lax.dynamic_update_index_in_dim(r, y, t, 0),
-                          record, ys)
-    return t + 1, mem, hs, record
+  blocks = [jax.tree.map(lambda a, l=l: a[l], stacked) for l in range(L)]
+  stats_shape = jax.eval_shape(lambda: block.apply(
+      blocks[0], u[0].reshape((batch, N, D)), jnp.ones((batch, N)),
+      layers.block_membranes(spec, batch))[2])
+  grid = lambda a: a.reshape((batch, N) + a.shape[1:])
+  flat = lambda a: a.reshape((pool,) + a.shape[2:])
 
-  def keep_going(carry):
-    t, _, hs, _ = carry
-    # Spatial mode re-activates every token at each timestep, so it always runs all T.
-    pending = True if spec.halt.mode == 'spatial' else jnp.any(hs.mask > 0)
-    return (t < T) & pending
+  def run_timestep(lay, t, buf, mem, rec, run):
+    """The L blocks at timestep t on the buffer rows; `mem` holds every token's membranes."""
+    full = buf.rows.shape[0] == pool  # the full buffer is the grid in order: no gathers
+    hs = halting.reset_for_timestep(buf.hs) if spatial else buf.hs
+    z = u[t] if full else jnp.take(u[t], buf.rows, axis=0, mode='fill', fill_value=0)
+    new_mem = []
+    for l, params in enumerate(blocks):
 
-  one = layers.block_membranes(spec, batch)
-  mem0 = jax.tree.map(lambda a: jnp.broadcast_to(a, (L,) + a.shape), one)
-  hs0 = halting.init_state(batch, spec.num_tokens, spec.dim)
-  step_shape = jax.eval_shape(lambda: jax.lax.scan(cell, (u[0], hs0, 0),
-                                                   (stacked, mem0, jnp.arange(L)))[1][1])
-  record0 = jax.tree.map(lambda s: jnp.zeros((T,) + s.shape, s.dtype), step_shape)
-  t_run, _, hs, record = jax.lax.while_loop(keep_going, timestep,
-                                            (jnp.int32(0), mem0, hs0, record0))
-  logits = model.apply(variables, hs.out, method=STAS.classify)
-  cells = halting.scoring_cells(spec.halt.mode, T, L)
+      def run_block(z, hs, mem_l, params=params):
+        if full:
+          z, mem_l, stats = block.apply(params, grid(z), grid(hs.mask),
+                                        jax.tree.map(grid, mem_l))
+          return flat(z), jax.tree.map(flat, mem_l), stats
+        held = jax.tree.map(lambda a: jnp.take(a, buf.rows, axis=0, mode='fill',
+                                               fill_value=0), mem_l)
+        z, held, stats = block.apply(params, z, hs.mask, held, lay)
+        return z, jax.tree.map(lambda a, b: a.at[buf.rows].set(b, mode='drop'), mem_l,
+                               held), stats
+
+      def skip_block(z, hs, mem_l):  # every token has halted: the block would change nothing
+        return z, mem_l, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
+
+      pending = jnp.any(hs.mask > 0)
+      z, mem_l, stats = jax.lax.cond(pending, run_block, skip_block, z, hs, mem[l])
+      run = run + pending * buf.rows.shape[0]
+      new_mem.append(mem_l)
+      on_grid = (lambda a: a) if full else (
+          lambda a: jnp.take(a, lay.slot, axis=0, mode='fill', fill_value=0))
+      active = hs.mask
+      hs, weight = halting.cell_update(hp, hs, z, t, l, T, L, gamma, beta)
+      cell = {'active': on_grid(active), 'weight': on_grid(weight), 'stats': stats}
+      rec = jax.tree.map(lambda r, y: jax.lax.dynamic_update_index_in_dim(r, y, t * L + l, 0),
+                         rec, cell)
+    return t + 1, _Buffer(buf.rows, hs), tuple(new_mem), rec, run
+
+  def run_phases(i, t, buf, home_hs, mem, rec, run):
+    """Runs timesteps t.. in capacity caps[i] while the active tokens need it, then smaller."""
+    smaller = caps[i + 1] if i + 1 < len(caps) else 0
+    lay = token_layout(buf.rows)
+
+    def more(carry):
+      t, buf = carry[:2]
+      pending = jnp.sum(buf.hs.mask > 0) > smaller
+      # Spatial halting re-activates every token at each timestep: it never shrinks.
+      return (t < T) & (True if spatial else pending)
+
+    t, buf, mem, rec, run = jax.lax.while_loop(more, lambda c: run_timestep(lay, *c),
+                                               (t, buf, mem, rec, run))
+    home_hs = _write_home(home_hs, buf)
+    if not smaller or spatial:
+      return t, home_hs, rec, run
+
+    def compact():
+      order = jnp.argsort(buf.hs.mask <= 0, stable=True)[:smaller]
+      return run_phases(i + 1, t, _take_rows(buf, order), home_hs, mem, rec, run)
+
+    return jax.lax.cond(t < T, compact, lambda: (t, home_hs, rec, run))
+
+  hs0 = jax.tree.map(lambda a: a.reshape((pool,) + a.shape[2:]),
+                     halting.init_state(batch, N, D))
+  mem0 = tuple({k: jnp.zeros((pool, a.shape[-1]), a.dtype)
+                for k, a in layers.block_membranes(spec, 1).items()} for _ in range(L))
+  start = _Buffer(jnp.arange(pool, dtype=jnp.int32), hs0)
+  rec0 = {'active': jnp.zeros((T * L, pool), jnp.float32),
+          'weight': jnp.zeros((T * L, pool), jnp.float32),
+          'stats': jax.tree.map(lambda s: jnp.zeros((T * L,) + s.shape, s.dtype), stats_shape)}
+  timesteps_run, home_hs, rec, rows_run = run_phases(0, 0, start, hs0, mem0, rec0,
+                                                     jnp.int32(0))
+
+  by_cell = lambda a: a.reshape((T, L) + a.shape[1:])
+  active = by_cell(rec['active']).reshape((T, L, batch, N))
+  weight = by_cell(rec['weight']).reshape((T, L, batch, N))
+  rho = home_hs.rho.reshape((batch, N))
+  logits = model.apply(variables, home_hs.out.reshape((batch, N, D)), method=STAS.classify)
+  cells = halting.scoring_cells(hp.mode, T, L)
   aux = {
-      'active': record['active'],
-      'cell_weight': record['weight'],
-      'ponder': hs.rho,
+      'active': active,
+      'cell_weight': weight,
+      'ponder': rho,
       'halt_loss_terms': {
-          'ponder': halting.ponder_loss(hs.rho, T, L),
+          'ponder': halting.ponder_loss(rho, T, L),
           'distribution': halting.distribution_prior_loss(
-              record['weight'], cells, spec.halt.target_cell, spec.halt.target_sigma),
+              weight, cells, hp.target_cell, hp.target_sigma),
       },
-      'block_stats': record['stats'],
+      'block_stats': jax.tree.map(by_cell, rec['stats']),
       'sps_stats': sps_aux,
-      'timesteps_run': t_run,
+      'timesteps_run': timesteps_run,
+      'rows_ratio': rows_run / (T * L * pool),
   }
   return logits, aux

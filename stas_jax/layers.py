@@ -4,7 +4,7 @@ Parameter names follow the PyTorch Spikformer state_dict (proj_conv1, q_linear, 
 `stas_jax.convert` maps checkpoints one to one. Shapes: B batch, T timesteps, N tokens, D dim.
 """
 import functools
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import einops
 import flax.linen as nn
@@ -219,6 +219,39 @@ class SPS(nn.Module):
     return tokens, aux
 
 
+class TokenLayout(NamedTuple):
+  """Where the rows of a compacted token buffer sit in the (B, N) token grid.
+
+  Early-exit inference (`stas_jax.early_exit`) runs blocks on a buffer of C rows that holds the
+  active tokens of the whole batch; attention, which mixes the tokens of one image, runs on the
+  grid. `rows` and `slot` are inverse maps; out-of-range entries mark empty places.
+
+  Attributes:
+    rows: (C,) int32, flat grid index b * N + n of each buffer row; B * N for an empty row.
+    slot: (B * N,) int32, the buffer row that holds each token; C for a token not held.
+    batch, tokens: B and N (static).
+  """
+  rows: jax.Array
+  slot: jax.Array
+  batch: int
+  tokens: int
+
+  def to_grid(self, a: jax.Array) -> jax.Array:
+    """(C, F) buffer rows -> (B, N, F), zeros where a token is not held."""
+    g = jnp.take(a, self.slot, axis=0, mode='fill', fill_value=0)
+    return g.reshape((self.batch, self.tokens) + a.shape[1:])
+
+  def from_grid(self, g: jax.Array) -> jax.Array:
+    """(B, N, F) -> (C, F) buffer rows, zeros in empty rows."""
+    flat = g.reshape((self.batch * self.tokens,) + g.shape[2:])
+    return jnp.take(flat, self.rows, axis=0, mode='fill', fill_value=0)
+
+  def per_image(self, a: jax.Array) -> jax.Array:
+    """Sum of (C, F) rows per image -> (B,); empty rows count nowhere."""
+    on_grid = jnp.take(jnp.sum(a, -1), self.slot, mode='fill', fill_value=0)
+    return jnp.sum(on_grid.reshape((self.batch, self.tokens)), axis=1)
+
+
 class SSABlock(nn.Module):
   """One Spikformer block at one timestep, with halted tokens masked out as dense multiplies.
 
@@ -240,27 +273,33 @@ class SSABlock(nn.Module):
     return neurons.lif_step_masked(membrane, y, mask, p)
 
   @nn.compact
-  def __call__(self, z: jax.Array, mask: jax.Array,
-               mem: Dict[str, jax.Array]) -> Tuple[jax.Array, Dict, Dict]:
+  def __call__(self, z: jax.Array, mask: jax.Array, mem: Dict[str, jax.Array],
+               layout: Optional[TokenLayout] = None) -> Tuple[jax.Array, Dict, Dict]:
     """Runs the block.
 
     Args:
-      z: block input (B, N, D), small non-negative integers.
-      mask: (B, N) in [0, 1]; 1 = token processed.
-      mem: LIF membranes by name (`BLOCK_LIFS`), each (B, N, width).
+      z: block input (B, N, D), small non-negative integers; (C, D) buffer rows with `layout`.
+      mask: (B, N) in [0, 1]; 1 = token processed; (C,) with `layout`.
+      mem: LIF membranes by name (`BLOCK_LIFS`), each (B, N, width); (C, width) with `layout`.
+      layout: None for the (B, N) grid; else where the buffer rows sit in the grid.
 
     Returns:
-      (z_out (B, N, D), new membranes, per-image stats (B,) for energy and firing rates).
+      (z_out like z, new membranes, per-image stats (B,) for energy and firing rates).
     """
     s = self.spec
     lif, attn_lif = s.lif(), s.attn_lif()
+    if layout is None:
+      to_grid = from_grid = lambda a: a
+      per_image = lambda a: jnp.sum(a, axis=(1, 2))
+    else:
+      to_grid, from_grid, per_image = layout.to_grid, layout.from_grid, layout.per_image
     m = mask[..., None]
     new = {}
-    stats = {'x_in': jnp.sum(z * m, axis=(1, 2))}
+    stats = {'x_in': per_image(z * m)}
     new['q_lif'], q = self._lin_bn_lif(z, m, mem['q_lif'], s.dim, 'q', lif, s.qkv_bias)
     new['k_lif'], k = self._lin_bn_lif(z, m, mem['k_lif'], s.dim, 'k', lif, s.qkv_bias)
     new['v_lif'], v = self._lin_bn_lif(z, m, mem['v_lif'], s.dim, 'v', lif, s.qkv_bias)
-    heads = lambda a: einops.rearrange(a, 'b n (h d) -> b h n d', h=s.heads)
+    heads = lambda a: einops.rearrange(to_grid(a), 'b n (h d) -> b h n d', h=s.heads)
     qh, kh, vh = heads(q), heads(k), heads(v)
     # No softmax, so (Q K^T) V = Q (K^T V); take the cheaper order. Spike products are exact
     # integers and the scale is a power of two, so both orders give identical values.
@@ -270,7 +309,7 @@ class SSABlock(nn.Module):
     else:
       attn = jnp.einsum('bhnd,bhmd->bhnm', qh, kh) * s.attn_scale
       y = jnp.einsum('bhnm,bhmd->bhnd', attn, vh)
-    y = einops.rearrange(y, 'b h n d -> b n (h d)')
+    y = from_grid(einops.rearrange(y, 'b h n d -> b n (h d)'))
     new['attn_lif'], a = neurons.lif_step_masked(mem['attn_lif'], y, m, attn_lif)
     new['proj_lif'], proj = self._lin_bn_lif(a, m, mem['proj_lif'], s.dim, 'proj', lif)
     z_mid = z + m * proj
@@ -279,10 +318,9 @@ class SSABlock(nn.Module):
     z_out = z_mid + m * h2
     # Sum of the Q K^T map (for the energy of (Q K^T) V) without materialising it.
     qk_sum = jnp.einsum('bhd,bhd->b', jnp.sum(qh, axis=2), jnp.sum(kh, axis=2))
-    stats.update(q_lif=jnp.sum(q, (1, 2)), k_lif=jnp.sum(k, (1, 2)), v_lif=jnp.sum(v, (1, 2)),
-                 qk_map=qk_sum, attn_lif=jnp.sum(a, (1, 2)), proj_lif=jnp.sum(proj, (1, 2)),
-                 x_mid=jnp.sum(z_mid * m, axis=(1, 2)), fc1_lif=jnp.sum(h1, (1, 2)),
-                 fc2_lif=jnp.sum(h2, (1, 2)))
+    stats.update(q_lif=per_image(q), k_lif=per_image(k), v_lif=per_image(v),
+                 qk_map=qk_sum, attn_lif=per_image(a), proj_lif=per_image(proj),
+                 x_mid=per_image(z_mid * m), fc1_lif=per_image(h1), fc2_lif=per_image(h2))
     return z_out, new, stats
 
 
