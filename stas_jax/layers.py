@@ -74,16 +74,55 @@ def batch_norm(spec: ModelSpec, name: str, axis_name: Optional[str]) -> BatchNor
                    name=name)
 
 
+def _pool_views(x: jax.Array, fill) -> list:
+  """The nine strided views of x padded by one, tap (i, j) at index 3 * i + j."""
+  _, h, w, _ = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=fill)
+  return [xp[:, i:i + h:2, j:j + w:2, :] for i in range(3) for j in range(3)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _max_pool(x: jax.Array, height: int, width: int) -> jax.Array:
+  return _max_pool_fwd(x, height, width)[0]
+
+
+def _max_pool_fwd(x, height, width):
+  del height, width
+  views = _pool_views(x, -jnp.inf)
+  best, arg = views[0], jnp.zeros(views[0].shape, jnp.int8)
+  for k, view in enumerate(views[1:], start=1):
+    wins = view > best            # strictly greater: the first maximum keeps the gradient
+    best = jnp.where(wins, view, best)
+    arg = jnp.where(wins, jnp.int8(k), arg)
+  return best, arg
+
+
+def _max_pool_bwd(height, width, arg, g):
+  out_h, out_w = g.shape[1:3]
+  dxp = 0
+  for k in range(9):
+    i, j = divmod(k, 3)
+    # Tap (i, j) of output (r, c) is padded input (i + 2 r, j + 2 c): interior padding 1.
+    spread = [(0, 0, 0), (i, height + 2 - i - 2 * out_h + 1, 1),
+              (j, width + 2 - j - 2 * out_w + 1, 1), (0, 0, 0)]
+    dxp = dxp + jax.lax.pad(jnp.where(arg == k, g, jnp.zeros_like(g)), jnp.zeros((), g.dtype),
+                            spread)
+  return (dxp[:, 1:height + 1, 1:width + 1, :],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 def max_pool(x: jax.Array) -> jax.Array:
   """MaxPool2d(kernel 3, stride 2, padding 1) on NHWC, as a max over nine strided views.
 
-  Same values as a reduce-window max (pads are -inf, so they never win), but its gradient is
-  a few elementwise selects instead of XLA's select-and-scatter, which is slow on CPU.
+  Same values as a reduce-window max (pads are -inf, so they never win). The gradient goes to
+  the first maximum of each window in row-major order, as in PyTorch; with binary spikes,
+  ties are the rule, and plain autodiff of `jnp.maximum` would split the gradient among them.
+  The backward keeps only the winning tap (int8), not nine float masks, and is a few
+  elementwise selects and pads instead of XLA's select-and-scatter, which is slow on CPU.
   """
-  _, h, w, _ = x.shape
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  views = [xp[:, i:i + h:2, j:j + w:2, :] for i in range(3) for j in range(3)]
-  return functools.reduce(jnp.maximum, views)
+  return _max_pool(x, x.shape[1], x.shape[2])
 
 
 def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Layer building blocks against independent references (lax autodiff, flax pooling)."""
+"""Layer building blocks against independent references (lax autodiff, flax and PyTorch
+pooling, hand-worked cases)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,36 @@ def test_max_pool_matches_reduce_window(size):
   g = jax.grad(lambda x: jnp.sum(layers.max_pool(x) ** 2))(x)
   g_ref = jax.grad(lambda x: jnp.sum(ref(x) ** 2))(x)
   np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-6)
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window():
+  # All ones: every window is a tie. Output (r, c) covers rows 2r-1..2r+1 and columns
+  # 2c-1..2c+1 (-1 is padding), so its first real element in row-major order is
+  # (max(2r-1, 0), max(2c-1, 0)), worked by hand for 4 x 4 and 5 x 5 inputs.
+  g4 = jax.grad(lambda x: jnp.sum(layers.max_pool(x)))(jnp.ones((1, 4, 4, 1)))[0, :, :, 0]
+  want4 = np.zeros((4, 4))
+  want4[np.ix_([0, 1], [0, 1])] = 1
+  np.testing.assert_array_equal(np.asarray(g4), want4)
+  g5 = jax.grad(lambda x: jnp.sum(layers.max_pool(x)))(jnp.ones((1, 5, 5, 1)))[0, :, :, 0]
+  want5 = np.zeros((5, 5))
+  want5[np.ix_([0, 1, 3], [0, 1, 3])] = 1
+  np.testing.assert_array_equal(np.asarray(g5), want5)
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 8, 3), (2, 7, 7, 3)])
+def test_max_pool_gradient_on_spikes_matches_pytorch(shape):
+  torch = pytest.importorskip('torch')
+  rng = np.random.default_rng(0)
+  x = (rng.random(shape) < 0.5).astype(np.float32)          # binary: ties in most windows
+  w = rng.normal(size=(shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2, shape[3]))
+  w = w.astype(np.float32)
+  g = jax.grad(lambda x: jnp.sum(layers.max_pool(x) * w))(jnp.asarray(x))
+  xt = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_()
+  y = torch.nn.functional.max_pool2d(xt, 3, 2, 1)
+  (y * torch.tensor(w).permute(0, 3, 1, 2)).sum().backward()
+  np.testing.assert_array_equal(np.asarray(layers.max_pool(jnp.asarray(x))),
+                                y.detach().permute(0, 2, 3, 1).numpy())
+  np.testing.assert_allclose(np.asarray(g), xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-6)
 
 
 def test_masked_batch_norm_counts_active_rows_and_survives_all_halted():
