@@ -39,6 +39,7 @@ def get_config():
   m.halt.gamma = 3.0
   m.halt.alpha_p = 5e-3
   m.unroll_scans = True             # ~15% faster steps on CPU for a little more compile time
+  m.remat = False                   # the figures above were measured without remat
 
   config.batch_size = 64
   config.eval_batch_size = 500

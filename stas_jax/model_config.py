@@ -71,8 +71,8 @@ class ModelSpec:
   bn_epsilon: float = 1e-5
   bn_cross_replica: bool = False
   dtype: str = 'float32'
-  remat: bool = False
-  remat_policy: str = 'nothing_saveable'
+  remat: bool = True
+  remat_policy: str = 'dots_saveable'
   unroll_scans: bool = False
   neuron: NeuronSpec = NeuronSpec()
   isps: ISPSSpec = ISPSSpec()
