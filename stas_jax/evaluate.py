@@ -83,12 +83,21 @@ def _batch_sums(variables, batch, *, model, config, data):
   return sums, aux['active'], jnp.argmax(logits, -1)
 
 
-def _time_forward(fn, variables, batches) -> Tuple[float, list]:
-  """Wall time of `fn` over the batches after one compile-and-warm-up call; its outputs."""
-  jax.block_until_ready(fn(variables, batches[0]))
-  start = time.perf_counter()
-  outs = [jax.block_until_ready(fn(variables, b)) for b in batches]
-  return time.perf_counter() - start, outs
+def _time_forward(fns, variables, batches, repeats: int = 3) -> Tuple[list, list]:
+  """Median wall time of each fn over the batches, and its outputs.
+
+  After one compile-and-warm-up call each, the fns take turns `repeats` times, so that a
+  drifting machine load affects them alike.
+  """
+  for fn in fns:
+    jax.block_until_ready(fn(variables, batches[0]))
+  times, outs = [[] for _ in fns], [None] * len(fns)
+  for _ in range(repeats):
+    for i, fn in enumerate(fns):
+      start = time.perf_counter()
+      outs[i] = [jax.block_until_ready(fn(variables, b)) for b in batches]
+      times[i].append(time.perf_counter() - start)
+  return [float(np.median(t)) for t in times], outs
 
 
 def _early_exit_report(model, variables, config, data, batches) -> Dict[str, Any]:
@@ -104,8 +113,7 @@ def _early_exit_report(model, variables, config, data, batches) -> Dict[str, Any
     logits, aux = early_exit.apply(model, v, _eval_inputs(config, data, batch)[0])
     return logits, aux['timesteps_run']
 
-  dense_s, dense_out = _time_forward(dense, variables, batches)
-  fast_s, fast_out = _time_forward(fast, variables, batches)
+  (dense_s, fast_s), (dense_out, fast_out) = _time_forward((dense, fast), variables, batches)
   agree, count, max_diff, steps_run = 0.0, 0.0, 0.0, []
   for batch, d, (f, t_run) in zip(batches, dense_out, fast_out):
     m = np.asarray(batch['mask']) > 0
@@ -266,8 +274,8 @@ def format_markdown(report: Dict[str, Any]) -> str:
     md.append(_table(('', 'value'), [
         ('dense forward', f"{e['dense_wall_time_s']:.3f} s"),
         ('early-exit forward', f"{e['early_exit_wall_time_s']:.3f} s"),
-        ('speed-up', f"{e['speedup']:.2f}x ({e['device']}, {e['batches']} batches, "
-                     'compile excluded)'),
+        ('speed-up', f"{e['speedup']:.2f}x ({e['device']}, {e['batches']} batches, median of "
+                     '3 alternating passes, compile excluded)'),
         ('same predictions', f"{100 * e['prediction_agreement']:.2f} %"),
         ('max abs logit difference', f"{e['max_abs_logit_diff']:.2e}"),
         ('timesteps run per batch', f"{e['mean_timesteps_run']:.2f} of {steps}")]))
