@@ -50,9 +50,10 @@ def _take_rows(buf: _Buffer, idx: jax.Array) -> _Buffer:
   return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), buf)
 
 
-def _write_home(home_hs: halting.HaltState, buf: _Buffer) -> halting.HaltState:
+def _write_home(home_hs: halting.HaltState, buf: _Buffer,
+                lay: layers.TokenLayout) -> halting.HaltState:
   """The halting state of the buffer's tokens written into the (B * N,) grid state."""
-  return jax.tree.map(lambda h, a: h.at[buf.rows].set(a, mode='drop'), home_hs, buf.hs)
+  return jax.tree.map(lay.put, home_hs, buf.hs)
 
 
 def apply(model: STAS, variables: Dict[str, Any], images: jax.Array,
@@ -86,11 +87,6 @@ def apply(model: STAS, variables: Dict[str, Any], images: jax.Array,
   # Spatial halting restarts every timestep; the other modes only ever halt more tokens.
   spatial = hp.mode == 'spatial'
 
-  def token_layout(rows):
-    held = jnp.arange(rows.shape[0], dtype=jnp.int32)
-    slot = jnp.full((pool,), rows.shape[0], jnp.int32).at[rows].set(held, mode='drop')
-    return layers.TokenLayout(rows, slot, batch, N)
-
   blocks = [jax.tree.map(lambda a, l=l: a[l], stacked) for l in range(L)]
   stats_shape = jax.eval_shape(lambda: block.apply(
       blocks[0], u[0].reshape((batch, N, D)), jnp.ones((batch, N)),
@@ -102,7 +98,7 @@ def apply(model: STAS, variables: Dict[str, Any], images: jax.Array,
     """The L blocks at timestep t on the buffer rows; `mem` holds every token's membranes."""
     full = buf.rows.shape[0] == pool  # the full buffer is the grid in order: no gathers
     hs = halting.reset_for_timestep(buf.hs) if spatial else buf.hs
-    z = u[t] if full else jnp.take(u[t], buf.rows, axis=0, mode='fill', fill_value=0)
+    z = u[t] if full else lay.take(u[t])
     new_mem = []
     for l, params in enumerate(blocks):
 
@@ -111,11 +107,9 @@ def apply(model: STAS, variables: Dict[str, Any], images: jax.Array,
           z, mem_l, stats = block.apply(params, grid(z), grid(hs.mask),
                                         jax.tree.map(grid, mem_l))
           return flat(z), jax.tree.map(flat, mem_l), stats
-        held = jax.tree.map(lambda a: jnp.take(a, buf.rows, axis=0, mode='fill',
-                                               fill_value=0), mem_l)
+        held = jax.tree.map(lay.take, mem_l)
         z, held, stats = block.apply(params, z, hs.mask, held, lay)
-        return z, jax.tree.map(lambda a, b: a.at[buf.rows].set(b, mode='drop'), mem_l,
-                               held), stats
+        return z, jax.tree.map(lay.put, mem_l, held), stats
 
       def skip_block(z, hs, mem_l):  # every token has halted: the block would change nothing
         return z, mem_l, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
@@ -124,8 +118,7 @@ def apply(model: STAS, variables: Dict[str, Any], images: jax.Array,
       z, mem_l, stats = jax.lax.cond(pending, run_block, skip_block, z, hs, mem[l])
       run = run + pending * buf.rows.shape[0]
       new_mem.append(mem_l)
-      on_grid = (lambda a: a) if full else (
-          lambda a: jnp.take(a, lay.slot, axis=0, mode='fill', fill_value=0))
+      on_grid = (lambda a: a) if full else lay.spread
       active = hs.mask
       hs, weight = halting.cell_update(hp, hs, z, t, l, T, L, gamma, beta)
       cell = {'active': on_grid(active), 'weight': on_grid(weight), 'stats': stats}
@@ -136,7 +129,7 @@ def apply(model: STAS, variables: Dict[str, Any], images: jax.Array,
   def run_phases(i, t, buf, home_hs, mem, rec, run):
     """Runs timesteps t.. in capacity caps[i] while the active tokens need it, then smaller."""
     smaller = caps[i + 1] if i + 1 < len(caps) else 0
-    lay = token_layout(buf.rows)
+    lay = layers.TokenLayout.of_rows(buf.rows, batch, N)
 
     def more(carry):
       t, buf = carry[:2]
@@ -146,7 +139,7 @@ def apply(model: STAS, variables: Dict[str, Any], images: jax.Array,
 
     t, buf, mem, rec, run = jax.lax.while_loop(more, lambda c: run_timestep(lay, *c),
                                                (t, buf, mem, rec, run))
-    home_hs = _write_home(home_hs, buf)
+    home_hs = _write_home(home_hs, buf, lay)
     if not smaller or spatial:
       return t, home_hs, rec, run
 
@@ -167,9 +160,8 @@ def apply(model: STAS, variables: Dict[str, Any], images: jax.Array,
   timesteps_run, home_hs, rec, rows_run = run_phases(0, 0, start, hs0, mem0, rec0,
                                                      jnp.int32(0))
 
-  by_cell = lambda a: a.reshape((T, L) + a.shape[1:])
-  active = by_cell(rec['active']).reshape((T, L, batch, N))
-  weight = by_cell(rec['weight']).reshape((T, L, batch, N))
+  active = rec['active'].reshape((T, L, batch, N))
+  weight = rec['weight'].reshape((T, L, batch, N))
   rho = home_hs.rho.reshape((batch, N))
   logits = model.apply(variables, home_hs.out.reshape((batch, N, D)), method=STAS.classify)
   cells = halting.scoring_cells(hp.mode, T, L)
@@ -182,7 +174,7 @@ def apply(model: STAS, variables: Dict[str, Any], images: jax.Array,
           'distribution': halting.distribution_prior_loss(
               weight, cells, hp.target_cell, hp.target_sigma),
       },
-      'block_stats': jax.tree.map(by_cell, rec['stats']),
+      'block_stats': jax.tree.map(lambda a: a.reshape((T, L) + a.shape[1:]), rec['stats']),
       'sps_stats': sps_aux,
       'timesteps_run': timesteps_run,
       'rows_ratio': rows_run / (T * L * pool),

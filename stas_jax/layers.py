@@ -275,20 +275,36 @@ class TokenLayout(NamedTuple):
   batch: int
   tokens: int
 
+  @classmethod
+  def of_rows(cls, rows: jax.Array, batch: int, tokens: int) -> 'TokenLayout':
+    """The layout of a buffer whose row i holds grid token rows[i] (B * N: empty)."""
+    held = jnp.arange(rows.shape[0], dtype=jnp.int32)
+    slot = jnp.full((batch * tokens,), rows.shape[0], jnp.int32).at[rows].set(held, mode='drop')
+    return cls(rows, slot, batch, tokens)
+
+  def take(self, flat: jax.Array) -> jax.Array:
+    """(B * N, ...) grid tokens -> (C, ...) buffer rows, zeros in empty rows."""
+    return jnp.take(flat, self.rows, axis=0, mode='fill', fill_value=0)
+
+  def spread(self, a: jax.Array) -> jax.Array:
+    """(C, ...) buffer rows -> (B * N, ...) grid tokens, zeros where a token is not held."""
+    return jnp.take(a, self.slot, axis=0, mode='fill', fill_value=0)
+
+  def put(self, flat: jax.Array, a: jax.Array) -> jax.Array:
+    """`flat` (B * N, ...) with the held tokens replaced by the buffer rows `a` (C, ...)."""
+    return flat.at[self.rows].set(a, mode='drop')
+
   def to_grid(self, a: jax.Array) -> jax.Array:
     """(C, F) buffer rows -> (B, N, F), zeros where a token is not held."""
-    g = jnp.take(a, self.slot, axis=0, mode='fill', fill_value=0)
-    return g.reshape((self.batch, self.tokens) + a.shape[1:])
+    return self.spread(a).reshape((self.batch, self.tokens) + a.shape[1:])
 
   def from_grid(self, g: jax.Array) -> jax.Array:
     """(B, N, F) -> (C, F) buffer rows, zeros in empty rows."""
-    flat = g.reshape((self.batch * self.tokens,) + g.shape[2:])
-    return jnp.take(flat, self.rows, axis=0, mode='fill', fill_value=0)
+    return self.take(g.reshape((self.batch * self.tokens,) + g.shape[2:]))
 
   def per_image(self, a: jax.Array) -> jax.Array:
     """Sum of (C, F) rows per image -> (B,); empty rows count nowhere."""
-    on_grid = jnp.take(jnp.sum(a, -1), self.slot, mode='fill', fill_value=0)
-    return jnp.sum(on_grid.reshape((self.batch, self.tokens)), axis=1)
+    return jnp.sum(self.spread(jnp.sum(a, -1)).reshape((self.batch, self.tokens)), axis=1)
 
 
 class SSABlock(nn.Module):
