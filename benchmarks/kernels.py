@@ -1,6 +1,6 @@
 """Micro-benchmarks behind two implementation choices, timed in one run (compare ratios):
 
-  * the 3x3 conv kernel gradient (`layers.conv3x3`): XLA's own transposed convolution, one GEMM
+  * the 3x3 conv kernel gradient (`matmul.conv3x3`): XLA's own transposed convolution, one GEMM
     on the unfolded (im2col) input, or nine GEMMs, one per kernel tap (what the model uses);
   * the multi-step LIF over T (`neurons.lif_multistep`), forward + backward: `lax.scan` rolled
     or unrolled (what the model uses).
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from stas_jax import layers  # noqa: E402  pylint: disable=g-import-not-at-top
+from stas_jax import matmul  # noqa: E402  pylint: disable=g-import-not-at-top
 from stas_jax import neurons  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _BATCH = flags.DEFINE_integer('batch', 128, 'Conv batch (timesteps x images).')
@@ -34,7 +34,7 @@ CONV_SHAPES = ((32, 48, 96), (32, 96, 192), (16, 192, 384), (8, 384, 384))
 
 
 def kernel_grad_xla(x, dy, kernel):
-  return jax.vjp(lambda k: layers._conv3x3(x, k), kernel)[1](dy)[0]
+  return jax.vjp(lambda k: matmul.xla_conv3x3(x, k), kernel)[1](dy)[0]
 
 
 def kernel_grad_im2col(x, dy, kernel):
@@ -46,8 +46,8 @@ def kernel_grad_im2col(x, dy, kernel):
 
 
 def kernel_grad_taps(x, dy, kernel):
-  """What `layers.conv3x3` uses (its custom VJP), taken through jax.vjp."""
-  return jax.vjp(lambda k: layers.conv3x3(x, k), kernel)[1](dy)[0]
+  """What `matmul.conv3x3` uses (its custom VJP), taken through jax.vjp."""
+  return jax.vjp(lambda k: matmul.conv3x3(x, k), kernel)[1](dy)[0]
 
 
 def _best(fn, *args):

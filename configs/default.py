@@ -25,7 +25,8 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.bn_momentum = 0.9           # flax convention: 1 - PyTorch momentum (0.1)
   m.bn_epsilon = 1e-5
   m.bn_cross_replica = False    # pmean batch statistics over the 'batch' axis (pmap)
-  m.dtype = 'float32'           # compute dtype: 'float32' | 'bfloat16'
+  m.dtype = 'float32'           # matmul/conv operands: 'float32' | 'bfloat16' (mixed precision:
+                                # float32 accumulation, params, BN and LIF; stas_jax/matmul.py)
   m.remat = True                # jax.checkpoint each encoder cell, keeping what the policy says
   m.remat_policy = 'dots_saveable'  # keep matmul outputs, recompute BatchNorm/LIF/mask work:
                                     # 4-384 train step 0.82x the time without remat and peak

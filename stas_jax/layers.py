@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from stas_jax import matmul
 from stas_jax import neurons
 from stas_jax.model_config import ModelSpec
 
@@ -24,7 +25,7 @@ BLOCK_LIFS = ('q_lif', 'k_lif', 'v_lif', 'attn_lif', 'proj_lif', 'fc1_lif', 'fc2
 
 
 def _dtype(spec: ModelSpec):
-  return jnp.bfloat16 if spec.dtype == 'bfloat16' else jnp.float32
+  return matmul.compute_dtype(spec.dtype)
 
 
 class BatchNorm(nn.Module):
@@ -125,51 +126,37 @@ def max_pool(x: jax.Array) -> jax.Array:
   return _max_pool(x, x.shape[1], x.shape[2])
 
 
-def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-@jax.custom_vjp
-def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """3x3 convolution, stride 1, zero padding 1; x (M, H, W, C), kernel (3, 3, C, F).
-
-  The forward and input gradient are ordinary convolutions; the kernel gradient is nine GEMMs,
-  one per kernel tap, of the shifted input with the output gradient: 1.9-3.3x faster on CPU
-  than the convolution XLA would use for it, and 1.2-1.7x faster than one GEMM on the unfolded
-  (im2col) input, whose concatenation costs more than it saves (`benchmarks/kernels.py`).
-  """
-  return _conv3x3(x, kernel)
-
-
-def _conv3x3_fwd(x, kernel):
-  return _conv3x3(x, kernel), (x, kernel)
-
-
-def _conv3x3_bwd(res, dy):
-  x, kernel = res
-  flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)     # (3, 3, F, C)
-  dx = _conv3x3(dy, flipped)
-  m, h, w, c = x.shape
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  d = dy.reshape(-1, dy.shape[-1])
-  dk = jnp.stack([jnp.dot(xp[:, i:i + h, j:j + w, :].reshape(-1, c).T, d)
-                  for i in range(3) for j in range(3)])
-  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
-
-
 class Conv3x3(nn.Module):
-  """Bias-free 3x3 'same' convolution (the SPS convs), parameter `kernel` (3, 3, C, F)."""
+  """Bias-free 3x3 'same' convolution (the SPS convs), parameter `kernel` (3, 3, C, F).
+
+  `dtype` is the operand dtype (`matmul.compute_dtype`); the output is float32.
+  """
   features: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param('kernel', conv_init, (3, 3, x.shape[-1], self.features), jnp.float32)
-    return conv3x3(x.astype(self.dtype), kernel.astype(self.dtype))
+    return matmul.conv3x3(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Linear(nn.Module):
+  """x @ kernel + bias like `nn.Dense` (same parameter names and shapes), output float32.
+
+  `dtype` is the operand dtype of the product (`matmul.compute_dtype`); the bias is added in
+  float32.
+  """
+  features: int
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', dense_init, (x.shape[-1], self.features), jnp.float32)
+    y = matmul.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    return y
 
 
 def multistep_lif(x: jax.Array, steps: int, p: neurons.LIFParams) -> jax.Array:
@@ -318,9 +305,8 @@ class SSABlock(nn.Module):
   train: bool = False
   bn_axis_name: Optional[str] = None
 
-  def _dense(self, features: int, name: str, bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=bias, kernel_init=dense_init, dtype=_dtype(self.spec),
-                    name=name)
+  def _dense(self, features: int, name: str, bias: bool = True) -> Linear:
+    return Linear(features, use_bias=bias, dtype=_dtype(self.spec), name=name)
 
   def _lin_bn_lif(self, x, mask, membrane, features, prefix, p, bias=True):
     y = self._dense(features, f'{prefix}_linear', bias)(x)
@@ -354,16 +340,17 @@ class SSABlock(nn.Module):
     new['q_lif'], q = self._lin_bn_lif(z, m, mem['q_lif'], s.dim, 'q', lif, s.qkv_bias)
     new['k_lif'], k = self._lin_bn_lif(z, m, mem['k_lif'], s.dim, 'k', lif, s.qkv_bias)
     new['v_lif'], v = self._lin_bn_lif(z, m, mem['v_lif'], s.dim, 'v', lif, s.qkv_bias)
-    heads = lambda a: einops.rearrange(to_grid(a), 'b n (h d) -> b h n d', h=s.heads)
+    dt = _dtype(s)  # spikes, and spike counts up to 256, are exact in bfloat16
+    heads = lambda a: einops.rearrange(to_grid(a), 'b n (h d) -> b h n d', h=s.heads).astype(dt)
     qh, kh, vh = heads(q), heads(k), heads(v)
     # No softmax, so (Q K^T) V = Q (K^T V); take the cheaper order. Spike products are exact
     # integers and the scale is a power of two, so both orders give identical values.
     if s.num_tokens > s.head_dim:
-      kv = jnp.einsum('bhmd,bhme->bhde', kh, vh)
-      y = jnp.einsum('bhnd,bhde->bhne', qh, kv) * s.attn_scale
+      kv = matmul.einsum('bhmd,bhme->bhde', kh, vh).astype(dt)
+      y = matmul.einsum('bhnd,bhde->bhne', qh, kv) * s.attn_scale
     else:
-      attn = jnp.einsum('bhnd,bhmd->bhnm', qh, kh) * s.attn_scale
-      y = jnp.einsum('bhnm,bhmd->bhnd', attn, vh)
+      attn = (matmul.einsum('bhnd,bhmd->bhnm', qh, kh) * s.attn_scale).astype(dt)
+      y = matmul.einsum('bhnm,bhmd->bhnd', attn, vh)
     y = from_grid(einops.rearrange(y, 'b h n d -> b n (h d)'))
     new['attn_lif'], a = neurons.lif_step_masked(mem['attn_lif'], y, m, attn_lif)
     new['proj_lif'], proj = self._lin_bn_lif(a, m, mem['proj_lif'], s.dim, 'proj', lif)
@@ -372,7 +359,8 @@ class SSABlock(nn.Module):
     new['fc2_lif'], h2 = self._lin_bn_lif(h1, m, mem['fc2_lif'], s.dim, 'fc2', lif)
     z_out = z_mid + m * h2
     # Sum of the Q K^T map (for the energy of (Q K^T) V) without materialising it.
-    qk_sum = jnp.einsum('bhd,bhd->b', jnp.sum(qh, axis=2), jnp.sum(kh, axis=2))
+    qk_sum = jnp.einsum('bhd,bhd->b', jnp.sum(qh, axis=2, dtype=jnp.float32),
+                        jnp.sum(kh, axis=2, dtype=jnp.float32))
     stats.update(q_lif=per_image(q), k_lif=per_image(k), v_lif=per_image(v),
                  qk_map=qk_sum, attn_lif=per_image(a), proj_lif=per_image(proj),
                  x_mid=per_image(z_mid * m), fc1_lif=per_image(h1), fc2_lif=per_image(h2))

@@ -9,22 +9,6 @@ import pytest
 from stas_jax import layers
 
 
-def test_conv3x3_value_and_custom_gradient_match_lax():
-  x = jax.random.normal(jax.random.PRNGKey(0), (3, 9, 7, 5))
-  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 5, 4))
-
-  def ref(x, w):
-    return jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-  np.testing.assert_allclose(np.asarray(layers.conv3x3(x, w)), np.asarray(ref(x, w)), atol=1e-5)
-  loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))
-  got = jax.grad(loss(layers.conv3x3), (0, 1))(x, w)
-  want = jax.grad(loss(ref), (0, 1))(x, w)
-  for g, r in zip(got, want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.parametrize('size', [8, 7])
 def test_max_pool_matches_reduce_window(size):
   x = jax.random.normal(jax.random.PRNGKey(2), (2, size, size, 3))

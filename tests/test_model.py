@@ -119,6 +119,40 @@ def test_remat_gives_the_same_loss_gradients_and_statistics(policy):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6), want, got)
 
 
+def test_bfloat16_mixed_precision_only_rounds_operands():
+  """model.dtype='bfloat16' gives what float32 gives on bfloat16-rounded conv and linear
+  kernels and image (spikes and spike counts are exact; products accumulate in float32), and
+  gradients that differ only by the rounded cotangents."""
+  images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3)) * 2
+  targets = jax.nn.one_hot(jnp.arange(4), 10)
+  rounded = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)
+  round_kernels = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, a: rounded(a) if path[-1].key == 'kernel' and path[0].key != 'head' else a,
+      params)
+
+  def run(dtype, prepare, x):
+    model = model_lib.create_model(tiny_model_config(
+        patch_embed='sps', **{'halt.mode': 'none'}, dtype=dtype))
+    variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+
+    def loss_fn(params):
+      (logits, aux), _ = model.apply(
+          {'params': prepare(params), 'batch_stats': variables['batch_stats']}, x, train=True,
+          mutable=['batch_stats'])
+      loss = -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), -1))
+      return loss, (logits, aux['block_stats'], aux['sps_stats'])
+    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
+
+  (_, want), grads = run('float32', round_kernels, rounded(images))
+  (_, got), grads_b = run('bfloat16', lambda p: p, images)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)        # logits
+  jax.tree.map(np.testing.assert_array_equal, got[1:], want[1:])          # spike counts
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads_b))
+  flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)])
+  g, g_b = flat(grads), flat(grads_b)
+  assert np.dot(g, g_b) / np.linalg.norm(g) / np.linalg.norm(g_b) > 0.999
+
+
 def test_unknown_remat_policy_is_rejected():
   with pytest.raises(ValueError, match="model.remat_policy='everything' is not valid"):
     spec_from_config(tiny_model_config(remat_policy='everything'))
