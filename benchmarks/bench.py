@@ -102,11 +102,9 @@ def _timings(fn, repeats):
 
 def _alternating_timings(fn, other, repeats):
   """Times two steps in turn, so that both see the same machine load."""
-  times, other_times = [], []
-  for _ in range(repeats):
-    times.append(_time(fn))
-    other_times.append(_time(other))
-  return _summary(times), _summary(other_times)
+  from stas_jax import timing
+  times, _ = timing.alternating((fn, other), repeats)
+  return _summary(times[0]), _summary(times[1])
 
 
 def bench_train(config, batch, devices):

@@ -30,6 +30,7 @@ from stas_jax import energy
 from stas_jax import halting
 from stas_jax import input_pipeline
 from stas_jax import plots
+from stas_jax import timing
 from stas_jax import train_lib
 
 EVAL_JSON, EVAL_MD, PLOTS_DIR = 'eval.json', 'eval.md', 'plots'
@@ -84,19 +85,11 @@ def _batch_sums(variables, batch, *, model, config, data):
 
 
 def _time_forward(fns, variables, batches, repeats: int = 3) -> Tuple[list, list]:
-  """Median wall time of each fn over the batches, and its outputs.
-
-  After one compile-and-warm-up call each, the fns take turns `repeats` times, so that a
-  drifting machine load affects them alike.
-  """
+  """Median wall time of each fn over the batches (after a warm-up call), and its outputs."""
   for fn in fns:
     jax.block_until_ready(fn(variables, batches[0]))
-  times, outs = [[] for _ in fns], [None] * len(fns)
-  for _ in range(repeats):
-    for i, fn in enumerate(fns):
-      start = time.perf_counter()
-      outs[i] = [jax.block_until_ready(fn(variables, b)) for b in batches]
-      times[i].append(time.perf_counter() - start)
+  passes = [lambda fn=fn: [fn(variables, b) for b in batches] for fn in fns]
+  times, outs = timing.alternating(passes, repeats)
   return [float(np.median(t)) for t in times], outs
 
 
