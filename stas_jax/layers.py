@@ -340,17 +340,21 @@ class SSABlock(nn.Module):
     new['q_lif'], q = self._lin_bn_lif(z, m, mem['q_lif'], s.dim, 'q', lif, s.qkv_bias)
     new['k_lif'], k = self._lin_bn_lif(z, m, mem['k_lif'], s.dim, 'k', lif, s.qkv_bias)
     new['v_lif'], v = self._lin_bn_lif(z, m, mem['v_lif'], s.dim, 'v', lif, s.qkv_bias)
-    dt = _dtype(s)  # spikes, and spike counts up to 256, are exact in bfloat16
+    dt = _dtype(s)  # spikes are exact in bfloat16
     heads = lambda a: einops.rearrange(to_grid(a), 'b n (h d) -> b h n d', h=s.heads).astype(dt)
     qh, kh, vh = heads(q), heads(k), heads(v)
+    # Spike counts summed over a length-n axis stay exact in bfloat16 for n <= 256.
+    counts_dt = lambda n: dt if n <= 256 else jnp.float32
     # No softmax, so (Q K^T) V = Q (K^T V); take the cheaper order. Spike products are exact
     # integers and the scale is a power of two, so both orders give identical values.
     if s.num_tokens > s.head_dim:
-      kv = matmul.einsum('bhmd,bhme->bhde', kh, vh).astype(dt)
-      y = matmul.einsum('bhnd,bhde->bhne', qh, kv) * s.attn_scale
+      cdt = counts_dt(s.num_tokens)
+      kv = matmul.einsum('bhmd,bhme->bhde', kh, vh).astype(cdt)
+      y = matmul.einsum('bhnd,bhde->bhne', qh.astype(cdt), kv) * s.attn_scale
     else:
-      attn = (matmul.einsum('bhnd,bhmd->bhnm', qh, kh) * s.attn_scale).astype(dt)
-      y = matmul.einsum('bhnm,bhmd->bhnd', attn, vh)
+      cdt = counts_dt(s.head_dim)
+      attn = (matmul.einsum('bhnd,bhmd->bhnm', qh, kh) * s.attn_scale).astype(cdt)
+      y = matmul.einsum('bhnm,bhmd->bhnd', attn, vh.astype(cdt))
     y = from_grid(einops.rearrange(y, 'b h n d -> b n (h d)'))
     new['attn_lif'], a = neurons.lif_step_masked(mem['attn_lif'], y, m, attn_lif)
     new['proj_lif'], proj = self._lin_bn_lif(a, m, mem['proj_lif'], s.dim, 'proj', lif)
