@@ -95,6 +95,11 @@ def _time(fn):
   return time.perf_counter() - start
 
 
+def peak_rss_gib():
+  """This process's peak resident memory so far, GiB."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
 def _summary(times):
   return {'step_time_median_s': statistics.median(times), 'step_time_min_s': min(times),
           'step_time_max_s': max(times), 'step_times_s': times}
@@ -192,9 +197,7 @@ def bench_infer(config, batch, early):
   fast = jax.jit(ft.partial(early_exit.apply, model, fractions=fractions))
   fn = fast if early else dense
   extra = {}
-  start = time.perf_counter()
-  jax.block_until_ready(fn(variables, batches[0]))
-  compile_s = time.perf_counter() - start
+  compile_s = _time(lambda: jax.block_until_ready(fn(variables, batches[0])))
   outs = [jax.device_get(fn(variables, b)) for b in batches]
   extra['token_ratio'] = float(np.mean([o[1]['active'].mean() for o in outs]))
   dense_step = None
@@ -275,7 +278,7 @@ def main(argv):
       'matmul_peak_gflops': peak,
       'matmul_peak_dtype': spec.dtype,  # operands; the model's compute dtype
       'fraction_of_matmul_peak': gflop / t['step_time_median_s'] / peak,
-      'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+      'peak_rss_gib': peak_rss_gib(),
       **extra,
   }
   if 'dense_time_median_s' in result:

@@ -19,9 +19,7 @@ before JAX compiles anything. Numbers are noisy on shared machines: compare the 
 """
 import json
 import os
-import resource
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -207,10 +205,6 @@ def check_same_logits(torch_model, model_config, images):
   return float(np.max(np.abs(np.asarray(got) - want)))
 
 
-def _rss_gib():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
 def main(argv):
   del argv
   from stas_jax.model_config import spec_from_config
@@ -242,11 +236,9 @@ def main(argv):
     loss.backward()
     opt.step()
 
-  start = time.perf_counter()
+  torch_first_s = bench._time(torch_step)
   torch_step()
-  torch_first_s = time.perf_counter() - start
-  torch_step()
-  torch_rss = _rss_gib()
+  torch_rss = bench.peak_rss_gib()
   jax_compile_s, jax_step = bench.bench_train(config, batch, 1)
   torch_t, jax_t = bench._alternating_timings(torch_step, jax_step, bench._REPEATS.value)
   result = {
@@ -257,7 +249,7 @@ def main(argv):
       'jax': {**jax_t, 'compile_s': jax_compile_s},
       'jax_time_ratio_vs_torch': jax_t['step_time_median_s'] / torch_t['step_time_median_s'],
       'jax_time_ratio_vs_torch_min': jax_t['step_time_min_s'] / torch_t['step_time_min_s'],
-      'peak_rss_gib_both': _rss_gib(),
+      'peak_rss_gib_both': bench.peak_rss_gib(),
   }
   print(json.dumps(result, indent=2))
   if bench._JSON.value:
