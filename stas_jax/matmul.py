@@ -63,16 +63,39 @@ def xla_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                       preferred_element_type=F32)
 
 
+def kernel_grad_taps(x: jax.Array, dy: jax.Array) -> jax.Array:
+  """Kernel gradient of `conv3x3` as nine per-tap GEMMs: x (M, H, W, C), dy (M, H, W, F) ->
+  float32 (3, 3, C, F), tap (i, j) = (x shifted by (i - 1, j - 1))^T dy. Used on CPU."""
+  m, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  d = dy.reshape(-1, dy.shape[-1])
+  dk = jnp.stack([jnp.dot(xp[:, i:i + h, j:j + w, :].reshape(-1, c).T, d,
+                          preferred_element_type=F32)
+                  for i in range(3) for j in range(3)])
+  return dk.reshape((3, 3, c, d.shape[-1]))
+
+
+def kernel_grad_conv(x: jax.Array, dy: jax.Array) -> jax.Array:
+  """`kernel_grad_taps` as one convolution (what XLA's autodiff emits): the images' axis M is
+  contracted like a feature axis and dy is the window. Used on GPU and TPU."""
+  return jax.lax.conv_general_dilated(x, dy, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=('CHWN', 'IHWO', 'HWNC'),
+                                      preferred_element_type=F32)
+
+
 @jax.custom_vjp
 def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """3x3 convolution, stride 1, zero padding 1; x (M, H, W, C), kernel (3, 3, C, F) -> float32.
 
   x and kernel share a dtype; products accumulate in float32, also in the gradient, whose
   products take the cotangent rounded to that dtype. The forward and input gradient are
-  ordinary convolutions; the kernel gradient is nine GEMMs, one per kernel tap, of the shifted
-  input with the output gradient: 1.9-3.3x faster on CPU than the convolution XLA would use for
-  it, and 1.2-1.7x faster than one GEMM on the unfolded (im2col) input, whose concatenation
-  costs more than it saves (`benchmarks/kernels.py`).
+  ordinary convolutions. The kernel gradient depends on the backend (`lax.platform_dependent`):
+  on CPU it is nine GEMMs, one per kernel tap, of the shifted input with the output gradient
+  (`kernel_grad_taps`): 1.9-3.3x faster than the convolution XLA:CPU would use for it, and
+  1.2-1.7x faster than one GEMM on the unfolded (im2col) input, whose concatenation costs more
+  than it saves (`benchmarks/kernels.py`). On GPU and TPU it is that one convolution
+  (`kernel_grad_conv`), which cuDNN and the TPU compiler implement natively, without the nine
+  shifted copies of the input.
   """
   return xla_conv3x3(x, kernel)
 
@@ -86,13 +109,8 @@ def _conv3x3_bwd(res, dy):
   dy = dy.astype(x.dtype)
   flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)     # (3, 3, F, C)
   dx = xla_conv3x3(dy, flipped).astype(x.dtype)
-  m, h, w, c = x.shape
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  d = dy.reshape(-1, dy.shape[-1])
-  dk = jnp.stack([jnp.dot(xp[:, i:i + h, j:j + w, :].reshape(-1, c).T, d,
-                          preferred_element_type=F32)
-                  for i in range(3) for j in range(3)])
-  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+  dk = jax.lax.platform_dependent(x, dy, cpu=kernel_grad_taps, default=kernel_grad_conv)
+  return dx, dk.astype(kernel.dtype)
 
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)

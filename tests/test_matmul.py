@@ -74,3 +74,35 @@ def test_bf16_conv3x3_matches_xla_on_the_rounded_operands():
   # Rounded to bfloat16 on the way back: within one bfloat16 ulp of the float32 reference.
   for got, want in ((dx, dx_ref), (dw, dw_ref)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2 ** -8, atol=1e-6)
+
+
+def test_conv3x3_kernel_gradient_forms_match_float64():
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 6, 5, 4))
+  dy = jax.random.normal(jax.random.PRNGKey(1), (3, 6, 5, 7))
+  xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  want = np.zeros((3, 3, 4, 7))
+  for i in range(3):
+    for j in range(3):
+      want[i, j] = np.einsum('mhwc,mhwf->cf', xp[:, i:i + 6, j:j + 5], np.asarray(dy, np.float64))
+  for form in (matmul.kernel_grad_taps, matmul.kernel_grad_conv):
+    got = form(x, dy)
+    assert got.shape == (3, 3, 4, 7) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv3x3_kernel_gradient_form_follows_the_platform():
+  """CPU lowers the nine per-tap GEMMs; GPU and TPU one convolution per gradient (exported for
+  those platforms here, without their devices)."""
+  from jax import export
+
+  def grads(x, w):
+    return jax.grad(lambda x, w: jnp.sum(matmul.conv3x3(x, w) ** 2), (0, 1))(x, w)
+
+  args = (jax.ShapeDtypeStruct((2, 6, 5, 4), jnp.float32),
+          jax.ShapeDtypeStruct((3, 3, 4, 7), jnp.float32))
+  ops = {}
+  for platform in ('cpu', 'cuda', 'tpu'):
+    text = export.export(jax.jit(grads), platforms=[platform])(*args).mlir_module()
+    ops[platform] = (text.count('stablehlo.convolution'), text.count('stablehlo.dot_general'))
+  assert ops['cpu'] == (2, 9)                   # forward + input gradient; nine taps
+  assert ops['cuda'] == ops['tpu'] == (3, 0)    # forward + input + kernel gradient
