@@ -203,7 +203,8 @@ def _size_hint(spec: ModelSpec, state_dict: Mapping[str, Any]) -> str:
           "checkpoint's training config.")
 
 
-def _is_ignored(key: str) -> bool:
+def is_ignored_key(key: str) -> bool:
+  """Whether a PyTorch state_dict key is one the JAX model has no use for (`IGNORED_KEYS`)."""
   return any(p.search(key) for p in IGNORED_KEYS)
 
 
@@ -236,7 +237,7 @@ def from_pytorch(state_dict: Mapping[str, Any], model_config) -> Dict[str, Any]:
   entries = _entries(spec, target)
   expected = {e.torch_key: e for e in entries}
   missing = sorted(k for k in expected if k not in sd)
-  unknown = sorted(k for k in sd if k not in expected and not _is_ignored(k))
+  unknown = sorted(k for k in sd if k not in expected and not is_ignored_key(k))
   misshaped = sorted(f'{k}: checkpoint {np.shape(sd[k])}, model expects {e.torch_shape}'
                      for k, e in expected.items()
                      if k in sd and tuple(np.shape(sd[k])) != e.torch_shape)
@@ -247,7 +248,7 @@ def from_pytorch(state_dict: Mapping[str, Any], model_config) -> Dict[str, Any]:
     raise ValueError('The PyTorch state_dict does not fit the model config: '
                      + '; '.join(parts) + '\n' + _size_hint(spec, sd))
 
-  ignored = sorted(k for k in sd if _is_ignored(k))
+  ignored = sorted(k for k in sd if is_ignored_key(k))
   logging.info('Converting %d PyTorch tensors; ignoring %d unused ones (%s)', len(expected),
                len(ignored), ', '.join(ignored[:3] + ['...'] * (len(ignored) > 3)))
   out: Dict[str, Any] = {}

@@ -23,9 +23,9 @@ def test_port_has_the_reference_state_dict_and_parameter_count():
   assert sum(p.numel() for p in net.parameters()) == 9_359_380  # as tests/test_model.py
   tiny = tiny_model_config(patch_embed='sps', **{'halt.mode': 'none'})
   variables = model_lib.init_variables(model_lib.create_model(tiny), jax.random.PRNGKey(0))
-  want = {k for k in convert.to_pytorch(variables, tiny) if not convert._is_ignored(k)}
+  want = {k for k in convert.to_pytorch(variables, tiny) if not convert.is_ignored_key(k)}
   got = set(torch_reference.TorchSpikformer(spec_from_config(tiny)).state_dict())
-  assert {k for k in got if not convert._is_ignored(k)} == want
+  assert {k for k in got if not convert.is_ignored_key(k)} == want
 
 
 def test_port_gives_our_eval_logits():
