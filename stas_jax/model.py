@@ -92,7 +92,8 @@ class Encoder(nn.Module):
     else:
       collections = dict(variable_broadcast=['params', 'batch_stats'])
     scan_time = nn.scan(time_step, split_rngs={'params': False}, in_axes=0, out_axes=0,
-                        length=s.timesteps, unroll=s.timesteps if s.unroll_scans else 1,
+                        length=s.timesteps,
+                        unroll=s.timesteps if (s.unroll_time or s.unroll_scans) else 1,
                         **collections)
     (_, hs), ys = scan_time(blocks, (mem0, hs0), (u, ts))
     return hs, ys

@@ -73,6 +73,7 @@ class ModelSpec:
   dtype: str = 'float32'
   remat: bool = True
   remat_policy: str = 'dots_saveable'
+  unroll_time: bool = True
   unroll_scans: bool = False
   neuron: NeuronSpec = NeuronSpec()
   isps: ISPSSpec = ISPSSpec()

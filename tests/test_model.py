@@ -94,28 +94,42 @@ def test_gradient_reaches_every_parameter():
     assert np.any(g != 0), f'no gradient reaches {name}'
 
 
+def _halting_train_step(**overrides):
+  """Loss, new batch statistics, active mask and gradients of a halting tiny model."""
+  images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3)) * 2
+  model = model_lib.create_model(tiny_model_config(
+      patch_embed='isps', **{'halt.mode': 'spatiotemporal', 'halt.beta': 0.0}, **overrides))
+  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+
+  def loss_fn(params):
+    (logits, aux), new = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                                     images, train=True, mutable=['batch_stats'])
+    return jnp.sum(logits ** 2) + aux['halt_loss_terms']['ponder'], (new, aux['active'])
+  return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
+
+
 @pytest.mark.parametrize('policy', ['nothing_saveable', 'dots_saveable'])
 def test_remat_gives_the_same_loss_gradients_and_statistics(policy):
   """jax.checkpoint per encoder cell only trades memory for recomputation."""
-  images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3)) * 2
-
-  def run(**overrides):
-    model = model_lib.create_model(tiny_model_config(
-        patch_embed='isps', **{'halt.mode': 'spatiotemporal', 'halt.beta': 0.0}, **overrides))
-    variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
-
-    def loss_fn(params):
-      (logits, aux), new = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
-                                       images, train=True, mutable=['batch_stats'])
-      return jnp.sum(logits ** 2) + aux['halt_loss_terms']['ponder'], (new, aux['active'])
-    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
-
+  run = _halting_train_step
   (loss, (stats, active)), grads = run(remat=False)
   (loss_r, (stats_r, active_r)), grads_r = run(remat=True, remat_policy=policy)
   assert 0 < float(jnp.mean(active)) < 1  # some tokens halt
   np.testing.assert_array_equal(active_r, active)
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
   for want, got in ((grads, grads_r), (stats, stats_r)):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6), want, got)
+
+
+@pytest.mark.parametrize('unroll', [dict(unroll_time=True), dict(unroll_scans=True)])
+def test_unrolled_scans_give_the_same_loss_gradients_and_statistics(unroll):
+  """Unrolling the time scan (or both scans) changes the schedule, not the arithmetic."""
+  (loss, (stats, active)), grads = _halting_train_step(unroll_time=False, unroll_scans=False)
+  (loss_u, (stats_u, active_u)), grads_u = _halting_train_step(**unroll)
+  assert 0 < float(jnp.mean(active)) < 1
+  np.testing.assert_array_equal(active_u, active)
+  np.testing.assert_allclose(loss_u, loss, rtol=1e-6)
+  for want, got in ((grads, grads_u), (stats, stats_u)):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6), want, got)
 
 
