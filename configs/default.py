@@ -32,7 +32,7 @@ def get_model_config() -> ml_collections.ConfigDict:
                                     # 4-384 train step 0.82x the time without remat and peak
                                     # 6.6 -> 4.9 GiB on CPU; 'nothing_saveable' recomputes all
   m.unroll_time = True          # unroll the T-step time scan, the block scan stays rolled:
-                                # 4-384 train step 0.90-0.95x the rolled time on CPU, +2 s compile
+                                # 4-384 train step 0.89-0.95x the rolled time on CPU, +2 s compile
   m.unroll_scans = False        # unroll the block scan too (implies unroll_time; longer compile)
 
   m.neuron = ml_collections.ConfigDict()
