@@ -1,7 +1,8 @@
 """Micro-benchmarks behind two implementation choices, timed in one run (compare ratios):
 
   * the 3x3 conv kernel gradient (`matmul.conv3x3`): XLA's own transposed convolution, one GEMM
-    on the unfolded (im2col) input, or nine GEMMs, one per kernel tap (what the model uses);
+    on the unfolded (im2col) input, or nine GEMMs, one per kernel tap (what the model uses on
+    CPU; GPU/TPU get the first);
   * the multi-step LIF over T (`neurons.lif_multistep`), forward + backward: `lax.scan` rolled
     or unrolled (what the model uses).
 
@@ -34,7 +35,9 @@ CONV_SHAPES = ((32, 48, 96), (32, 96, 192), (16, 192, 384), (8, 384, 384))
 
 
 def kernel_grad_xla(x, dy, kernel):
-  return jax.vjp(lambda k: matmul.xla_conv3x3(x, k), kernel)[1](dy)[0]
+  """XLA's own transposed convolution (what `matmul.conv3x3` uses on GPU/TPU)."""
+  del kernel
+  return matmul.kernel_grad_conv(x, dy)
 
 
 def kernel_grad_im2col(x, dy, kernel):
@@ -46,8 +49,9 @@ def kernel_grad_im2col(x, dy, kernel):
 
 
 def kernel_grad_taps(x, dy, kernel):
-  """What `matmul.conv3x3` uses (its custom VJP), taken through jax.vjp."""
-  return jax.vjp(lambda k: matmul.conv3x3(x, k), kernel)[1](dy)[0]
+  """Nine per-tap GEMMs (what `matmul.conv3x3` uses on CPU)."""
+  del kernel
+  return matmul.kernel_grad_taps(x, dy)
 
 
 def _best(fn, *args):
