@@ -9,13 +9,20 @@ Counting rules, per image:
     token/time means of the readout, BatchNorm (folded into the weights at inference) and the
     residual additions are not counted.
   * Every other layer costs accumulates (SOPs), from the actual activations over active tokens:
-    a linear layer costs (sum of its inputs) * fan_out, a 3x3 conv (sum of its inputs) * 9*C_out
-    (the zero-padded border, where a pixel reaches fewer than 9 outputs, is ignored), Q K^T costs
-    sum(Q) * (active tokens), and (Q K^T) V costs sum(unscaled Q K^T map) * head_dim (the 0.125
-    scale is a power-of-two shift). Integer inputs (spikes, RPE sums in {0, 1, 2}) count as that
-    many spikes. I-SPS with `isps.reduce = 'mean'` feeds conv1 fractional values; they count by
-    value, so that conv costs 1/T of its multi-step total (a fractional input is strictly a
-    multiply, so this is the favourable reading; `reduce = 'sum'` has integer inputs).
+    a linear layer costs (spikes in its input) * fan_out, a 3x3 conv (spikes in its input) *
+    9*C_out (the zero-padded border, where a pixel reaches fewer than 9 outputs, is ignored),
+    Q K^T costs sum(Q) * (active tokens), and (Q K^T) V costs sum(unscaled Q K^T map) * head_dim
+    (the 0.125 scale is a power-of-two shift).
+  * What counts as spikes: a binary spike is one; an integer input (a spike count, the RPE sums
+    in {0, 1, 2}) is that many; a count times a constant that folds into the next layer's
+    weights is its count, so a mean of T spikes that sums to v costs T * v, not v
+    (`ModelSpec.spikes_per_unit`). The same network therefore costs the same energy whether
+    I-SPS integrates by sum or by mean. The encoder input U of I-SPS, when it is a rate
+    (`isps.tail = 'multi_step'` or `integrate_at = 'sps_output'`), is presented at every
+    timestep and stays in the residual stream, so every block layer that reads the stream pays
+    T * (its U part) + (the integer part added by the blocks); model.STAS reports U's
+    per-token sums (`sps_stats['token_values']`) for this. No input of ours is any other
+    non-integer; such an input would be a multiply (a MAC), not an accumulate.
 Energy = E_MAC * MACs + E_AC * SOPs (45 nm: 4.6 pJ and 0.9 pJ).
 """
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -61,9 +68,10 @@ def _sps_layout(s: ModelSpec) -> Tuple[Dict[str, int], Dict[str, int]]:
     if i >= 4 - s.num_pools:
       size = -(-size // 2)
   cells['rpe_lif'] = size * size * s.dim
-  once = s.patch_embed == 'isps' and s.isps.integrate_at == 'first_lif'
-  # LIF0 always runs T steps; under I-SPS (first_lif) everything after it runs once.
-  steps = {name: (1 if once and name != 'proj_lif' else s.timesteps) for name in SPS_LIFS}
+  # LIF0 always runs T steps. Under I-SPS (first_lif) the tail runs once: its neurons fire
+  # once (single_step, any_spike) or run T steps on a constant current (multi_step).
+  tail_steps = 1 if s.isps_once and s.isps.tail != 'multi_step' else s.timesteps
+  steps = {name: (s.timesteps if name == 'proj_lif' else tail_steps) for name in SPS_LIFS}
   return cells, steps
 
 
@@ -119,6 +127,12 @@ def estimate(aux: Mapping[str, Any], model_config, *, e_mac_pj: float = E_MAC_PJ
   bs = {k: f32(aux['block_stats'][k]) for k in _BLOCK_KEYS}
   ss = {k: f32(aux['sps_stats'][k]) for k in _SPS_KEYS}
   n_active = jnp.sum(active, axis=3)                                 # (T, L, B)
+  unit = s.token_spikes_per_unit
+  if unit != 1:  # U is a rate: its part of the residual stream is unit * U spikes
+    _require(aux['sps_stats'], ('token_values',), 'aux["sps_stats"]')
+    u_part = jnp.einsum('tlbn,tbn->tlb', active, f32(aux['sps_stats']['token_values']))
+    for key in ('x_in', 'x_mid'):
+      bs[key] = bs[key] + (unit - 1) * u_part
   per_image = lambda a: jnp.sum(a, axis=(0, 1))                      # (T, L, B) -> (B,)
 
   c = s.sps_channels

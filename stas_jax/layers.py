@@ -4,6 +4,7 @@ Parameter names follow the PyTorch Spikformer state_dict (proj_conv1, q_linear, 
 `stas_jax.convert` maps checkpoints one to one. Shapes: B batch, T timesteps, N tokens, D dim.
 """
 import functools
+import math
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import einops
@@ -203,46 +204,78 @@ class SPS(nn.Module):
 
   def first_spikes(self, current: jax.Array) -> jax.Array:
     """LIF0 over T on the constant current: (B, H, W, C0) -> spikes (T, B, H, W, C0)."""
-    seq = jnp.broadcast_to(current, (self.spec.timesteps,) + current.shape)
-    s, _ = neurons.lif_multistep(seq, self.spec.lif())
-    return s
+    return neurons.lif_constant_input(current, self.spec.timesteps, self.spec.lif())
 
   def pool0(self, s0: jax.Array) -> jax.Array:
     return max_pool(s0) if self._pool_after(0) else s0
 
-  def tail(self, x: jax.Array, steps: int, train: bool) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  def integrate(self, spikes: jax.Array) -> jax.Array:
+    """I-SPS integration over the leading time axis: `model.isps.reduce` (mean or sum)."""
+    return jnp.sum(spikes, 0) if self.spec.isps.reduce == 'sum' else jnp.mean(spikes, 0)
+
+  def fire(self, current: jax.Array, steps: int) -> Tuple[jax.Array, jax.Array, int]:
+    """A tail stage's LIF on its BatchNorm output.
+
+    With `steps` = T > 1 (SPS) time is folded into the leading axis and the LIF runs over it.
+    With `steps` = 1 (I-SPS, the conv ran once) the current is constant over time and
+    `model.isps.tail` says how the neuron turns it into the stage output:
+      single_step: one LIF step from rest (fires for a current >= tau * v_th);
+      any_spike: 1 where a T-step LIF on this current fires at least once (a current >=
+        v_th / (1 - (1 - 1/tau) ** T)), else 0; the surrogate gradient flows through the T steps;
+      multi_step: the T-step LIF's spikes integrated by `model.isps.reduce` (a count or a rate).
+
+    Returns:
+      (output like current, spikes emitted per image (B,), spikes in one unit of the output).
+    """
+    s = self.spec
+    batch = current.shape[0] // steps
+    if steps > 1 or s.isps.tail == 'single_step' or s.timesteps == 1:
+      out = multistep_lif(current, steps, s.lif())
+      return out, _image_sums(out, batch), 1
+    spikes = neurons.lif_constant_input(current, s.timesteps, s.lif())
+    if s.isps.tail == 'any_spike':
+      out = neurons.fired_any(spikes)
+      return out, _image_sums(out, batch), 1
+    return (self.integrate(spikes), _image_sums(spikes.reshape((-1,) + current.shape[1:]), batch),
+            s.spikes_per_unit)
+
+  def tail(self, x: jax.Array, steps: int, train: bool,
+           x_spikes_per_unit: int = 1) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Stages 1-3 and the RPE on the (pooled) stage-0 output.
 
     Args:
-      x: stage-0 spikes after its optional pool, (steps * B, h, w, D/8), time-major.
+      x: stage-0 output after its optional pool, (steps * B, h, w, D/8), time-major: spikes
+        (SPS) or the integrated LIF0 spikes (I-SPS).
       steps: how many timesteps are folded into the leading axis (T, or 1 for I-SPS).
       train: batch statistics (True) or running averages.
+      x_spikes_per_unit: spikes in one unit of x (T for a mean of T spikes).
 
     Returns:
-      tokens (steps * B, N, D) with values in {0, 1, 2}, and per-image aux sums: the input
-      sum of every conv after conv0 (`conv1_in` ... `rpe_in`) and the spikes of LIF1-3 and RPE.
+      tokens (steps * B, N, D) (SPS and the binary I-SPS tails: values in {0, 1, 2}); per-image
+      aux sums (B,): the spikes entering every conv after conv0 (`conv1_in` ... `rpe_in`; a value
+      v of an integrated input counts v * spikes-per-unit) and the spikes of LIF1-3 and RPE.
     """
-    lif = self.spec.lif()
     batch = x.shape[0] // steps
-    per_image = lambda a: jnp.sum(a.reshape((steps, batch, -1)), axis=(0, 2))
     aux = {}
     stages = ((self.proj_conv1, self.proj_bn1, 'proj_lif1', 'conv1_in'),
               (self.proj_conv2, self.proj_bn2, 'proj_lif2', 'conv2_in'),
               (self.proj_conv3, self.proj_bn3, 'proj_lif3', 'conv3_in'))
+    unit = x_spikes_per_unit
     for i, (conv, bn, lif_name, in_name) in enumerate(stages, start=1):
-      aux[in_name] = per_image(x)
-      y = bn(conv(x), train)
-      x = multistep_lif(y, steps, lif)
-      aux[lif_name] = per_image(x)
+      aux[in_name] = _image_sums(x, batch) * unit
+      x, aux[lif_name], unit = self.fire(bn(conv(x), train), steps)
       if self._pool_after(i):
         x = max_pool(x)
     feat = x
-    aux['rpe_in'] = per_image(feat)
-    y = self.rpe_bn(self.rpe_conv(feat), train)
-    rpe = multistep_lif(y, steps, lif)
-    aux['rpe_lif'] = per_image(rpe)
+    aux['rpe_in'] = _image_sums(feat, batch) * unit
+    rpe, aux['rpe_lif'], _ = self.fire(self.rpe_bn(self.rpe_conv(feat), train), steps)
     tokens = einops.rearrange(rpe + feat, 'b h w d -> b (h w) d')
     return tokens, aux
+
+
+def _image_sums(a: jax.Array, batch: int) -> jax.Array:
+  """Per-image sum of a time-major (steps * B, ...) array -> (B,)."""
+  return jnp.sum(a.reshape((-1, batch, math.prod(a.shape[1:]))), axis=(0, 2))
 
 
 class TokenLayout(NamedTuple):

@@ -141,24 +141,29 @@ class STAS(nn.Module):
     return jnp.float32(self.spec.halt.gamma), jnp.float32(self.spec.halt.beta)
 
   def embed(self, images: jax.Array, train: bool) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-    """Patch embedding: (B, H, W, C) -> encoder input (T, B, N, D) and its aux sums."""
+    """Patch embedding: (B, H, W, C) -> encoder input (T, B, N, D) and its aux sums.
+
+    aux: per-image (B,) spike sums of every SPS layer (see `SPS.tail`) and `token_values`
+    (T, B, N), the sum of each token of U, which energy.py needs when U is a rate.
+    """
     s = self.spec
     self._check_images(images)
     sps = self.patch_embed
     batch, steps = images.shape[0], s.timesteps
     s0 = sps.first_spikes(sps.stem(images, train))              # (T, B, H, W, C0)
     aux = {'proj_lif': jnp.sum(s0, axis=(0, 2, 3, 4))}
-    if s.patch_embed == 'isps' and s.isps.integrate_at == 'first_lif':
-      m = jnp.sum(s0, 0) if s.isps.reduce == 'sum' else jnp.mean(s0, 0)
-      tokens, tail_aux = sps.tail(sps.pool0(m), 1, train)      # (B, N, D), run once
+    if s.isps_once:
+      tokens, tail_aux = sps.tail(sps.pool0(sps.integrate(s0)), 1, train,
+                                  s.spikes_per_unit)        # (B, N, D), convs run once
       u = jnp.broadcast_to(tokens, (steps,) + tokens.shape)
     else:
       x0 = sps.pool0(s0.reshape((steps * batch,) + s0.shape[2:]))
       tokens, tail_aux = sps.tail(x0, steps, train)
       u = tokens.reshape((steps, batch) + tokens.shape[1:])
-      if s.patch_embed == 'isps':  # integrate_at == 'sps_output': average the SPS output over T
-        u = jnp.broadcast_to(jnp.mean(u, 0), u.shape)
+      if s.patch_embed == 'isps':  # integrate_at == 'sps_output': integrate the SPS output
+        u = jnp.broadcast_to(sps.integrate(u), u.shape)
     aux.update(tail_aux)
+    aux['token_values'] = jnp.sum(u, axis=-1)                  # (T, B, N), for energy.py
     chex.assert_shape(u, (steps, batch, s.num_tokens, s.dim))
     return u, aux
 

@@ -14,6 +14,7 @@ GEOMETRIES = ('cifar', 'imagenet')
 PATCH_EMBEDS = ('sps', 'isps')
 ISPS_REDUCES = ('mean', 'sum')
 ISPS_INTEGRATE_AT = ('first_lif', 'sps_output')
+ISPS_TAILS = ('single_step', 'any_spike', 'multi_step')
 DTYPES = ('float32', 'bfloat16')
 # jax.checkpoint_policies used with model.remat: recompute everything, or keep matmul outputs.
 REMAT_POLICIES = ('nothing_saveable', 'dots_saveable')
@@ -34,6 +35,7 @@ class NeuronSpec:
 class ISPSSpec:
   reduce: str = 'mean'
   integrate_at: str = 'first_lif'
+  tail: str = 'single_step'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +111,29 @@ class ModelSpec:
     d = self.dim
     return (d // 8, d // 4, d // 2, d)
 
+  @property
+  def isps_once(self) -> bool:
+    """I-SPS integrated at LIF0: conv1-3 and the RPE conv run once, not once per timestep."""
+    return self.patch_embed == 'isps' and self.isps.integrate_at == 'first_lif'
+
+  @property
+  def spikes_per_unit(self) -> int:
+    """Spikes in one unit of an integrated I-SPS value: T for a mean of T spike trains, else 1.
+
+    A mean of T spikes folds its 1/T into the next layer's weights, so a value v of it is
+    T * v spikes (energy.py counts inputs as spikes).
+    """
+    return self.timesteps if self.isps.reduce == 'mean' else 1
+
+  @property
+  def token_spikes_per_unit(self) -> int:
+    """Spikes in one unit of the encoder input U (1 when U holds spike counts or spikes)."""
+    if self.patch_embed != 'isps':
+      return 1
+    if self.isps.integrate_at == 'sps_output' or self.isps.tail == 'multi_step':
+      return self.spikes_per_unit
+    return 1
+
   def lif(self) -> neurons.LIFParams:
     n = self.neuron
     return neurons.LIFParams(tau=n.tau, v_threshold=n.v_threshold, v_reset=n.v_reset,
@@ -151,6 +176,7 @@ def _validate(s: ModelSpec):
   _choice(s.patch_embed, PATCH_EMBEDS, 'model.patch_embed')
   _choice(s.isps.reduce, ISPS_REDUCES, 'model.isps.reduce')
   _choice(s.isps.integrate_at, ISPS_INTEGRATE_AT, 'model.isps.integrate_at')
+  _choice(s.isps.tail, ISPS_TAILS, 'model.isps.tail')
   _choice(s.halt.mode, halting.MODES, 'model.halt.mode')
   _choice(s.neuron.surrogate, neurons.SURROGATES, 'model.neuron.surrogate')
   _choice(s.dtype, DTYPES, 'model.dtype')

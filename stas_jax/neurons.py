@@ -127,3 +127,23 @@ def lif_multistep(x_seq: jax.Array, p: LIFParams, v0: Optional[jax.Array] = None
 
   v_last, s_seq = jax.lax.scan(step, v0, x_seq, unroll=unroll)
   return s_seq, v_last
+
+
+def lif_constant_input(x: jax.Array, steps: int, p: LIFParams) -> jax.Array:
+  """Spikes (steps, ...) of a LIF from rest driven `steps` steps by the constant input x.
+
+  The I-SPS tail's neurons see such an input: their convolution ran once, on integrated spikes.
+  On a constant input the membrane from rest is x * (1 - (1 - 1/tau) ** t) until the first
+  spike, so the neuron fires within `steps` steps iff x >= v_th / (1 - (1 - 1/tau) ** steps)
+  (v_reset 0).
+  """
+  seq = jnp.broadcast_to(x, (steps,) + x.shape).astype(jnp.float32)
+  return lif_multistep(seq, p)[0]
+
+
+def fired_any(spikes: jax.Array) -> jax.Array:
+  """1 where a binary spike train (T, ...) holds at least one spike: 1 - prod_t (1 - s_t).
+
+  The product form is the logical or, with the surrogate gradient of every step.
+  """
+  return 1.0 - jnp.prod(1.0 - spikes, axis=0)

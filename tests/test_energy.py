@@ -44,6 +44,8 @@ def tiny_aux():
       'conv1_in': f(30, 20), 'conv2_in': f(25, 15), 'conv3_in': f(12, 8), 'rpe_in': f(10, 6),
       'proj_lif': f(40, 24), 'proj_lif1': f(50, 14), 'proj_lif2': f(60, 4),
       'proj_lif3': f(100, 28), 'rpe_lif': f(16, 16),
+      # Per-token sums of the encoder input U (T, B, N); only read when U is a rate.
+      'token_values': np.array([[[1, 0.5, 0, 1.5], [0.5, 0.5, 1, 0]]] * 2, np.float32),
   }
   return {'active': active, 'block_stats': block_stats, 'sps_stats': sps_stats}
 
@@ -152,6 +154,26 @@ def test_hand_counted_isps_layout():
   out = energy.estimate(tiny_aux(), dict(isps, isps={'integrate_at': 'sps_output'}))
   for name, want in HAND_SPS_RATES.items():
     np.testing.assert_allclose(out['firing_rates'][name], want, rtol=1e-6, err_msg=name)
+
+
+def test_rate_valued_encoder_input_costs_its_spikes():
+  # sps_output integrates the SPS output by its mean over T = 2: U is a rate, so the block layers
+  # that read the residual stream pay 2 * U + (the rest) = x_in + 1 * (U of the active tokens).
+  # U of active tokens: image 0: 3.0 at t0 (all four), 1.5 at t1 (tokens 0-1) -> 4.5;
+  # image 1: 2.0 at t0, 0.5 at t1 (token 0) -> 2.5.
+  cfg = dict(TINY, patch_embed='isps', isps={'integrate_at': 'sps_output'})
+  rate = energy.estimate(tiny_aux(), cfg)['sops']
+  plain = energy.estimate(tiny_aux(), TINY)['sops']
+  extra = {'attention.q_linear': [4.5 * 8, 2.5 * 8], 'attention.k_linear': [36, 20],
+           'attention.v_linear': [36, 20], 'mlp.fc1_linear': [4.5 * 16, 2.5 * 16]}
+  for name in HAND_SOPS:
+    if '.' in name:
+      want = np.asarray(plain[name]) + np.float32(extra.get(name, [0, 0]))
+      np.testing.assert_allclose(rate[name], want, rtol=1e-6, err_msg=name)
+  # Summed instead (integer U): counted by value, as the aux gives it.
+  summed = energy.estimate(tiny_aux(), dict(cfg, isps={'integrate_at': 'sps_output',
+                                                       'reduce': 'sum'}))['sops']
+  np.testing.assert_array_equal(summed['attention.q_linear'], plain['attention.q_linear'])
 
 
 def test_jit_matches_eager_and_summarize():
@@ -276,3 +298,26 @@ def test_rates_and_token_usage(which, request):
     np.testing.assert_allclose(e['token_ratio'], 1.0)
     np.testing.assert_allclose(e['timesteps'], SMALL['timesteps'])
     assert 0.05 < rates.mean() < 0.6, e['firing_rates']  # the boosted init really spikes
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The counting rule: the same network costs the same whichever way I-SPS integrates.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('tail', ['single_step', 'any_spike', 'multi_step'])
+def test_mean_and_sum_integration_cost_the_same(tail, variables, images):
+  """Mean and sum differ by the factor T, which the next BatchNorm removes (eps ~ 0), so both
+  models are one network: their patch embeddings must cost the same; with a binary tail the
+  encoder sees the same spikes too, and the whole network must cost the same."""
+  out = {}
+  for reduce in ('mean', 'sum'):
+    cfg = dict(ISPS, bn_epsilon=1e-12, isps={'reduce': reduce, 'tail': tail})
+    model = model_lib.create_model(cfg)
+    (_, aux), _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
+        variables, images)
+    out[reduce] = energy.estimate(aux, cfg)
+  mean, summed = out['mean'], out['sum']
+  np.testing.assert_allclose(mean['energy_split_mj']['patch_embed'],
+                             summed['energy_split_mj']['patch_embed'], rtol=1e-5)
+  assert np.all(np.asarray(mean['sops']['patch_embed.proj_conv1']) > 0)
+  if tail != 'multi_step':
+    np.testing.assert_allclose(mean['energy_mj'], summed['energy_mj'], rtol=1e-5)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from stas_jax import layers
+from stas_jax import model_config
 
 
 @pytest.mark.parametrize('size', [8, 7])
@@ -65,3 +66,26 @@ def test_masked_batch_norm_counts_active_rows_and_survives_all_halted():
   assert np.all(np.isfinite(np.asarray(y0)))
   np.testing.assert_array_equal(np.asarray(upd0['batch_stats']['mean']),
                                 np.asarray(variables['batch_stats']['mean']))
+
+
+@pytest.mark.parametrize('tail, reduce, want, spikes, unit', [
+    ('single_step', 'mean', [1, 0, 0, 0], 1, 1),       # one step from rest: H = x / 2
+    ('any_spike', 'mean', [1, 1, 1, 0], 3, 1),         # fires in 4 steps iff x >= 16 / 15
+    ('multi_step', 'mean', [1, 0.5, 0.25, 0], 7, 4),   # 4-step counts 4, 2, 1, 0, as a rate
+    ('multi_step', 'sum', [4, 2, 1, 0], 7, 1),
+])
+def test_isps_tail_neurons_on_constant_currents(tail, reduce, want, spikes, unit):
+  # 4-step trains of 3.0, 1.5, 1.2, 1.05 (tests/test_neurons.py): 1111, 0101, 0010, 0000.
+  spec = model_config.spec_from_config(
+      dict(patch_embed='isps', timesteps=4, isps=dict(tail=tail, reduce=reduce)))
+  current = jnp.array([[3.0, 1.5, 1.2, 1.05]], jnp.float32)      # one image, four neurons
+  out, count, per_unit = layers.SPS(spec).apply({}, current, 1, method=layers.SPS.fire)
+  np.testing.assert_allclose(np.asarray(out), [want], rtol=1e-7)
+  np.testing.assert_array_equal(np.asarray(count), [spikes])
+  assert per_unit == unit
+  # The SPS (time folded into the batch, T = 4 rows) runs the ordinary multi-step LIF.
+  seq = jnp.broadcast_to(current, (4, 4)).reshape(4, 4)
+  out, count, per_unit = layers.SPS(spec).apply({}, seq, 4, method=layers.SPS.fire)
+  np.testing.assert_array_equal(np.asarray(out).T, [[1, 1, 1, 1], [0, 1, 0, 1], [0, 0, 1, 0],
+                                                   [0, 0, 0, 0]])
+  assert per_unit == 1 and int(count[0]) == 7

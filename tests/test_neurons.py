@@ -127,3 +127,33 @@ def test_detached_reset_changes_membrane_gradient():
 def test_unknown_surrogate_is_rejected():
   with pytest.raises(ValueError, match='surrogate'):
     neurons.LIFParams(surrogate='relu')
+
+
+# Constant currents (tau 2, v_th 1, reset 0) and their 4-step spike trains, by hand:
+#   3.0: H = 1.5 every step -> 1 1 1 1;  1.5: 0.75, 1.125 (spike), 0.75, 1.125 -> 0 1 0 1;
+#   1.2: 0.6, 0.9, 1.05 (spike), 0.6 -> 0 0 1 0;  1.05: 0.525, 0.7875, 0.91875, 0.984 -> none.
+CONSTANT = {3.0: [1, 1, 1, 1], 1.5: [0, 1, 0, 1], 1.2: [0, 0, 1, 0], 1.05: [0, 0, 0, 0]}
+
+
+def test_constant_input_trains_and_their_or_by_hand():
+  x = jnp.array(list(CONSTANT), jnp.float32)
+  s = neurons.lif_constant_input(x, 4, P)
+  np.testing.assert_array_equal(np.asarray(s).T, list(CONSTANT.values()))
+  np.testing.assert_array_equal(np.asarray(neurons.fired_any(s)), [1, 1, 1, 0])
+  # Fires within T steps iff x >= v_th / (1 - (1 - 1/tau) ** T) = 16 / 15 for T = 4.
+  onset = 16.0 / 15.0
+  edge = jnp.array([np.nextafter(onset, 0, dtype=np.float32), onset + 1e-6], jnp.float32)
+  np.testing.assert_array_equal(
+      np.asarray(neurons.fired_any(neurons.lif_constant_input(edge, 4, P))), [0, 1])
+
+
+def test_fired_any_gradient_below_onset_is_the_sum_of_step_surrogates():
+  # No spike yet: h_t = x (1 - 2^-t) and d/dx [1 - prod(1 - s_t)] = sum_t (1 - 2^-t) sg(h_t - 1),
+  # sg(u) = 4 sigmoid(4 u) (1 - sigmoid(4 u)).
+  x = 0.9
+  grad = jax.grad(lambda v: neurons.fired_any(neurons.lif_constant_input(v, 4, P)))(
+      jnp.float32(x))
+  sig = lambda u: 1.0 / (1.0 + math.exp(-u))
+  want = sum((1 - 2.0 ** -t) * 4 * sig(4 * (x * (1 - 2.0 ** -t) - 1))
+             * (1 - sig(4 * (x * (1 - 2.0 ** -t) - 1))) for t in range(1, 5))
+  np.testing.assert_allclose(float(grad), want, rtol=1e-5)
