@@ -47,6 +47,10 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.isps = ml_collections.ConfigDict()
   m.isps.reduce = 'mean'            # 'mean' | 'sum' over the T spikes of the first LIF
   m.isps.integrate_at = 'first_lif'  # 'first_lif' | 'sps_output'
+  # How the tail's neurons (after conv1-3 and the RPE conv, which run once) fire: 'single_step'
+  # (one LIF step) | 'any_spike' (1 if T LIF steps on the constant current fire) | 'multi_step'
+  # (the T steps' spikes integrated by `reduce`); see docs/method.md section 4.
+  m.isps.tail = 'single_step'
 
   m.halt = ml_collections.ConfigDict()
   m.halt.mode = 'none'          # 'none' | 'spatial' | 'temporal' | 'spatiotemporal'
@@ -71,8 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = get_model_config()
 
   config.data = ml_collections.ConfigDict()
-  config.data.dataset = 'cifar10'   # 'cifar10' | 'cifar100' | 'imagenet2012' | 'mnist_demo'
+  config.data.dataset = 'cifar10'   # 'cifar10' | 'cifar100' | 'imagenet2012' | 'mnist_demo' | 'npz'
   config.data.data_dir = ''         # tfds data dir; '' = tfds default (~/tensorflow_datasets)
+  config.data.npz_path = ''         # dataset 'npz': file with x_train, y_train, x_test, y_test
   config.data.download = True       # let tfds download and prepare when missing
   config.data.num_workers = 0       # grain worker processes (0 = in-process)
   config.data.crop_padding = 4

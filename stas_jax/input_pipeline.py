@@ -1,4 +1,5 @@
-"""Host-side input pipeline: tfds (CIFAR-10/100, ImageNet) or offline MNIST demo data via grain.
+"""Host-side input pipeline via grain: tfds (CIFAR-10/100, ImageNet), offline MNIST demo data,
+or your own images from one .npz file.
 
 Batches leave the host as uint8 pixels; normalisation and augmentation run on the device
 (`stas_jax.augment`). The train iterator is checkpointable; eval visits every example once.
@@ -16,6 +17,10 @@ import jax
 import ml_collections
 import numpy as np
 from PIL import Image
+
+from stas_jax import npz_data
+# Defined apart so that npz_data can raise them too; callers catch input_pipeline.<Error>.
+from stas_jax.data_errors import DatasetUnavailableError, InvalidDatasetError
 
 # Shorter side / crop side for ImageNet evaluation (256 -> 224), the usual centre-crop ratio.
 IMAGENET_CROP_RATIO = 0.875
@@ -36,11 +41,7 @@ _TFDS_DATASETS = {
     'cifar100': _TfdsSpec(100, 'test', (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     'imagenet2012': _TfdsSpec(1000, 'validation', (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-DATASETS = tuple(_TFDS_DATASETS) + ('mnist_demo',)
-
-
-class DatasetUnavailableError(RuntimeError):
-  """The dataset is neither prepared in the data dir nor preparable here (offline, no TF)."""
+DATASETS = tuple(_TFDS_DATASETS) + ('mnist_demo', 'npz')
 
 
 @dataclasses.dataclass
@@ -115,6 +116,33 @@ class _ShardView:
 
   def __getitem__(self, index: int) -> Any:
     return self._source[self._start + index]
+
+
+class _GlobalBatchSampler:
+  """Gives process p rows [p*b, (p+1)*b) of each global batch that one process would read.
+
+  grain's DataLoader asks for index g = j * shard_count + shard_index for the j-th record of
+  a process; this maps it to that record's place in one shuffled stream of the whole split.
+  Every process so trains on exactly the batches of a single-process run, whatever the process
+  count, and reads only its own rows. With one process it is `base` itself.
+  """
+
+  def __init__(self, base: grain.IndexSampler, process_count: int, per_process_batch: int):
+    self._base, self._count, self._rows = base, process_count, per_process_batch
+
+  def __len__(self) -> int:
+    return len(self._base)
+
+  def __repr__(self) -> str:
+    # grain checks a restored iterator state against repr(sampler).
+    return (f'_GlobalBatchSampler({self._base!r}, process_count={self._count}, '
+            f'per_process_batch={self._rows})')
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    process, j = index % self._count, index // self._count
+    batch, row = divmod(j, self._rows)
+    position = (batch * self._count + process) * self._rows + row
+    return dataclasses.replace(self._base[position], index=index)
 
 
 class _HostTransform(grain.MapTransform):
@@ -207,8 +235,7 @@ def _mnist_demo_sources() -> tuple[_ArraySource, _ArraySource, np.ndarray, np.nd
   order = np.random.default_rng(0).permutation(len(labels))
   train, test = order[:MNIST_DEMO_NUM_TRAIN], order[MNIST_DEMO_NUM_TRAIN:]
   train_images = images[train]
-  mean = train_images.mean(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
-  std = train_images.std(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
+  mean, std = npz_data.channel_mean_std(train_images)
   return (_ArraySource('mnist_demo/train', train_images, labels[train]),
           _ArraySource('mnist_demo/test', images[test], labels[test]), mean, std)
 
@@ -251,8 +278,8 @@ def create_datasets(config: ml_collections.ConfigDict, *, process_index: Optiona
   """Builds this process's train iterator and eval-iterator factory from `config.data`.
 
   Args:
-    config: experiment config; reads `data.*`, `seed`, `batch_size`, `eval_batch_size` and
-      `model.image_size` (ImageNet).
+    config: experiment config; reads `data.*`, `seed`, `batch_size`, `eval_batch_size`,
+      `model.image_size` (ImageNet) and `model.image_size / in_channels / num_classes` (npz).
     process_index: this process's shard; defaults to jax.process_index().
     process_count: number of shards; defaults to jax.process_count().
 
@@ -262,6 +289,8 @@ def create_datasets(config: ml_collections.ConfigDict, *, process_index: Optiona
   Raises:
     ValueError: unknown dataset, or a batch size not divisible by the process count.
     DatasetUnavailableError: a tfds dataset that is not prepared and cannot be prepared here.
+    InvalidDatasetError: (a DatasetUnavailableError and a ValueError) for 'npz', a file that is
+      missing, malformed, or does not fit config.model; the message says what to change.
   """
   name = config.data.dataset
   if name not in DATASETS:
@@ -276,6 +305,14 @@ def create_datasets(config: ml_collections.ConfigDict, *, process_index: Optiona
   if name == 'mnist_demo':
     train_src, eval_src, mean, std = _mnist_demo_sources()
     num_classes, image_shape = 10, (32, 32, 1)
+    train_resize = eval_resize = None
+  elif name == 'npz':
+    x_train, y_train, x_test, y_test, mean, std, image_shape = npz_data.load_npz(
+        config.data.npz_path, config.model)
+    train_src = _ArraySource('npz/train', x_train, y_train)
+    eval_src = _ArraySource('npz/test', x_test, y_test)
+    # Labels may use fewer classes than the model has; targets must match its outputs.
+    num_classes = config.model.num_classes
     train_resize = eval_resize = None
   else:
     spec = _TFDS_DATASETS[name]
@@ -299,8 +336,9 @@ def create_datasets(config: ml_collections.ConfigDict, *, process_index: Optiona
     return _HostTransform(*(resize or (None, None)), with_mask=with_mask)
 
   shard = grain.ShardOptions(shard_index=index, shard_count=count, drop_remainder=True)
-  sampler = grain.IndexSampler(num_records=len(train_src), shard_options=shard, shuffle=True,
-                               num_epochs=None, seed=config.seed)
+  sampler = _GlobalBatchSampler(
+      grain.IndexSampler(num_records=len(train_src), shard_options=grain.NoSharding(),
+                         shuffle=True, num_epochs=None, seed=config.seed), count, train_bs)
   train_loader = grain.DataLoader(
       data_source=train_src, sampler=sampler, shard_options=shard,
       worker_count=config.data.num_workers,

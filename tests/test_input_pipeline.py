@@ -83,6 +83,25 @@ def test_eval_sharded_over_processes_covers_the_split_once(mnist):
   assert next(shards[1].train_iter)['image'].shape == (2, 32, 32, 1)  # 6 // 3 per process
 
 
+def test_processes_read_their_rows_of_the_single_process_batches():
+  """Process p of n gets rows [p * b, (p + 1) * b) of every global batch that one process
+  reads, so multi-process training sees the same batches; each resumes on its own."""
+  config = _config(batch_size=6)
+  single = input_pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
+  shards = [input_pipeline.create_datasets(config, process_index=i, process_count=3).train_iter
+            for i in range(3)]
+  steps = 700  # past the first epoch (666 steps of 6), into the reshuffled second one
+  want = _take(single, steps)
+  got = [_take(it, steps) for it in shards]
+  for k in (0, 1, 665, 666, steps - 1):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(np.concatenate([g[k][key] for g in got]), want[k][key])
+  state = input_pipeline.get_iterator_state(shards[2])
+  resumed = input_pipeline.create_datasets(config, process_index=2, process_count=3).train_iter
+  input_pipeline.set_iterator_state(resumed, state)
+  _assert_same_batches(_take(shards[2], 2), _take(resumed, 2))
+
+
 def test_train_order_is_deterministic_and_resumable():
   config = _config()
   first = input_pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
