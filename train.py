@@ -3,6 +3,10 @@
 Without --config it runs the offline MNIST demo (configs/demo.py). Override any config key on
 the command line, e.g. `--config.batch_size=64`; the work directory defaults to
 runs/<config file stem>, and rerunning with the same one resumes from its latest checkpoint.
+
+Several processes (hosts) train one model when each is started with the same flags plus
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (README, "Multi-process
+training"); on SLURM, Open MPI or Cloud TPU `--config.distributed=True` lets JAX find these.
 """
 import logging as std_logging
 import os
@@ -21,6 +25,20 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Checkpoints and logs go here (default: runs/<config file stem>).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-process runs: HOST:PORT of process 0, the same for '
+    'every process (default: $JAX_COORDINATOR_ADDRESS, or what JAX detects on a cluster).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Multi-process runs: the number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'Multi-process runs: this process\'s index, 0 .. N-1.')
+_HEARTBEAT = flags.DEFINE_integer(
+    'heartbeat_timeout_s', 100, 'Multi-process runs: a process silent for this long counts as '
+    'dead, and the others exit with an error instead of waiting for it.')
+_SHUTDOWN = flags.DEFINE_integer('shutdown_timeout_s', 300, 'Multi-process runs: how long a '
+                                 'finished process waits for the others at exit.')
+_INIT_TIMEOUT = flags.DEFINE_integer('initialization_timeout_s', 300, 'Multi-process runs: '
+                                     'how long to wait for every process to connect.')
 
 
 def main(argv):
@@ -28,6 +46,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
   # Imported here so that flag errors come out before the slow JAX / TF imports.
+  from stas_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from stas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from stas_jax import train_lib  # pylint: disable=g-import-not-at-top
 
@@ -36,7 +55,10 @@ def main(argv):
     stem = os.path.splitext(os.path.basename(config_flags.get_config_filename(
         flags.FLAGS['config'])))[0]
     workdir = os.path.join('runs', stem)
-  train_lib.maybe_initialize_distributed(config)
+  train_lib.maybe_initialize_distributed(config, train_lib.DistributedOptions(
+      coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value, heartbeat_timeout_s=_HEARTBEAT.value,
+      shutdown_timeout_s=_SHUTDOWN.value, initialization_timeout_s=_INIT_TIMEOUT.value))
   logging.info('Config:\n%s', config)
   logging.info('Work directory: %s', os.path.abspath(workdir))
   try:
@@ -44,6 +66,8 @@ def main(argv):
   except input_pipeline.DatasetUnavailableError as e:
     sys.exit(f'\nERROR: {e}')
   except train_lib.NonFiniteLossError as e:
+    sys.exit(f'\nERROR: {e}')
+  except checkpoint.CheckpointError as e:
     sys.exit(f'\nERROR: {e}')
   except train_lib.TrainingInterrupted as e:
     logging.warning('%s', e)

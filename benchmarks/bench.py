@@ -45,6 +45,12 @@ _FRACTIONS = flags.DEFINE_list('fractions', None, 'infer_early_exit: buffer capa
                                 'fractions of the batch\'s tokens (default: '
                                 'early_exit.DEFAULT_FRACTIONS).')
 _MAX_BATCHES = flags.DEFINE_integer('max_batches', 4, 'With --restore: test batches checked.')
+_PEAK_N = flags.DEFINE_integer('peak_n', 2048, 'Side of the square matmul that measures the '
+                               'peak (a GPU needs about 8192 to approach its own).')
+_WARMUP_ONLY = flags.DEFINE_bool(
+    'warmup_only', False, 'Compile and run the step once, then exit: with JAX\'s persistent '
+    'compilation cache (JAX_COMPILATION_CACHE_DIR), later timed runs skip compiling, and several '
+    'warm-ups can compile side by side (benchmarks/device_check.sh).')
 
 
 def conv_flops(h, w, c_in, c_out, k=3):
@@ -98,6 +104,16 @@ def _time(fn):
 def peak_rss_gib():
   """This process's peak resident memory so far, GiB."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def device_memory():
+  """{'device_peak_gib': peak memory in use on the first device}, where the backend reports it
+  (GPU, TPU); {} on CPU."""
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' not in stats:
+    return {}
+  return {'device_peak_gib': stats['peak_bytes_in_use'] / 2 ** 30}
 
 
 def _summary(times):
@@ -231,7 +247,6 @@ def main(argv):
     raise app.UsageError('--config is required')
   spec = model_lib.spec_from_config(config.model)
   flops = model_flops(spec)
-  peak = matmul_peak_gflops(spec.dtype)
   batch = _BATCH.value
   extra, n_batches, dense_step = {}, 1, None
   if _VERSUS.value is not None and _MODE.value != 'train':
@@ -243,6 +258,12 @@ def main(argv):
     compile_s, step, extra, n_batches, dense_step = bench_infer(
         config, batch, _MODE.value == 'infer_early_exit')
     per_image = flops['total']
+  if _WARMUP_ONLY.value:
+    if _VERSUS.value is not None:
+      bench_train(_VERSUS.value, batch, _DEVICES.value)
+    print(f'warm-up done: compiled and ran one step ({compile_s:.1f} s)')
+    return
+  peak = matmul_peak_gflops(spec.dtype, n=_PEAK_N.value)
   if _VERSUS.value is not None:
     other = _VERSUS.value
     other_compile_s, other_step = bench_train(other, batch, _DEVICES.value)
@@ -279,6 +300,7 @@ def main(argv):
       'matmul_peak_dtype': spec.dtype,  # operands; the model's compute dtype
       'fraction_of_matmul_peak': gflop / t['step_time_median_s'] / peak,
       'peak_rss_gib': peak_rss_gib(),
+      **device_memory(),
       **extra,
   }
   if 'dense_time_median_s' in result:

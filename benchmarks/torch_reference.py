@@ -1,7 +1,7 @@
 """The PyTorch Spikformer train step, timed in one process with ours.
 
   python benchmarks/torch_reference.py --config=configs/cifar100_spikformer.py [--batch=32] \
-      [--repeats=5] [--json=OUT.json]
+      [--repeats=5] [--json=OUT.json] [--torch_device=cuda]
 
 `TorchSpikformer` is a plain-PyTorch (eager, float32) port of the official Spikformer's CIFAR
 model (ZK-Zhou/spikformer `cifar10/model.py`): the same layers in the same order, the same
@@ -15,8 +15,11 @@ every layer), converts the port's weights with `stas_jax.convert` and checks tha
 frameworks give the same eval-mode logits, so the two steps compute the same network. It
 then times the PyTorch train step (forward, cross-entropy, backward, AdamW) alternately with
 stas_jax's (`bench.bench_train`) and reports both, their ratio, and PyTorch's peak RSS, read
-before JAX compiles anything. Numbers are noisy on shared machines: compare the ratio.
+before JAX compiles anything (on a GPU: both frameworks' peak device memory instead). With
+--torch_device=cuda both steps run on the GPU: set XLA_PYTHON_CLIENT_PREALLOCATE=false so that
+JAX leaves PyTorch room. Numbers are noisy on shared machines: compare the ratio.
 """
+import contextlib
 import json
 import os
 import sys
@@ -32,6 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench  # noqa: E402  pylint: disable=g-import-not-at-top  (its flags: --config, --batch, ...)
+
+_TORCH_DEVICE = flags.DEFINE_string('torch_device', 'cpu', 'Where the PyTorch step runs: cpu | '
+                                    'cuda (JAX uses its default backend).')
 
 
 class _Spike(torch.autograd.Function):
@@ -169,8 +175,26 @@ class TorchSpikformer(nn.Module):
 def jax_variables(torch_model, model_config):
   """The torch model's weights as stas_jax variables (via `stas_jax.convert`)."""
   from stas_jax import convert
-  sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+  sd = {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
   return convert.from_pytorch(sd, model_config)
+
+
+def _device_of(torch_model):
+  return next(torch_model.parameters()).device
+
+
+@contextlib.contextmanager
+def _full_precision():
+  """float32 products without TF32 in both frameworks (GPUs use TF32 by default), so that the
+  logit check compares the networks, not the rounding."""
+  import jax  # pylint: disable=g-import-not-at-top
+  saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+  torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+  try:
+    with jax.default_matmul_precision('highest'):
+      yield
+  finally:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def calibrate_batch_stats(torch_model, images):
@@ -186,7 +210,7 @@ def calibrate_batch_stats(torch_model, images):
     m.momentum = 1.0
   torch_model.train()
   with torch.no_grad():
-    torch_model(torch.from_numpy(images))
+    torch_model(torch.from_numpy(images).to(_device_of(torch_model)))
   for m, momentum in zip(bns, momenta):
     m.momentum = momentum
 
@@ -197,7 +221,7 @@ def check_same_logits(torch_model, model_config, images):
   from stas_jax import model as model_lib
   torch_model.eval()
   with torch.no_grad():
-    want = torch_model(torch.from_numpy(images)).numpy()
+    want = torch_model(torch.from_numpy(images).to(_device_of(torch_model))).cpu().numpy()
   model = model_lib.create_model(model_config)
   got, _ = jax.jit(model.apply)(jax_variables(torch_model, model_config),
                                 np.transpose(images, (0, 2, 3, 1)))
@@ -214,13 +238,16 @@ def main(argv):
   spec = spec_from_config(config.model)
   if spec.halt.mode != 'none':
     raise app.UsageError('--config must be a Spikformer config (model.halt.mode=none)')
+  device = torch.device(_TORCH_DEVICE.value)
+  cuda = device.type == 'cuda'
   torch.manual_seed(0)
-  net = TorchSpikformer(spec)
+  net = TorchSpikformer(spec).to(device)
   rng = np.random.default_rng(0)
   probe = rng.normal(size=(4, spec.in_channels, spec.image_size, spec.image_size)) * 2
   probe = probe.astype(np.float32)
-  calibrate_batch_stats(net, probe)
-  max_diff = check_same_logits(net, config.model, probe)
+  with _full_precision():
+    calibrate_batch_stats(net, probe)
+    max_diff = check_same_logits(net, config.model, probe)
   if max_diff > 1e-3:
     raise SystemExit(f'the PyTorch port and stas_jax disagree (max |logit diff| {max_diff})')
 
@@ -228,6 +255,7 @@ def main(argv):
   images = torch.from_numpy(rng.normal(
       size=(batch, spec.in_channels, spec.image_size, spec.image_size)).astype(np.float32))
   labels = torch.from_numpy(rng.integers(0, spec.num_classes, batch))
+  images, labels = images.to(device), labels.to(device)
   opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
 
   def torch_step():
@@ -235,18 +263,30 @@ def main(argv):
     loss = nn.functional.cross_entropy(net(images), labels)
     loss.backward()
     opt.step()
+    if cuda:  # kernels run asynchronously: time them, not their launch
+      torch.cuda.synchronize(device)
 
   torch_first_s = bench._time(torch_step)
   torch_step()
   torch_rss = bench.peak_rss_gib()
   jax_compile_s, jax_step = bench.bench_train(config, batch, 1)
   torch_t, jax_t = bench._alternating_timings(torch_step, jax_step, bench._REPEATS.value)
+  import jax  # pylint: disable=g-import-not-at-top
+  torch_extra = {}
+  if cuda:
+    torch_extra = {'device_name': torch.cuda.get_device_name(device),
+                   'device_peak_gib': torch.cuda.max_memory_allocated(device) / 2 ** 30,
+                   'matmul_allow_tf32': torch.backends.cuda.matmul.allow_tf32,
+                   'cudnn_allow_tf32': torch.backends.cudnn.allow_tf32}
   result = {
       'config': config_flags.get_config_filename(flags.FLAGS['config']), 'batch': batch,
       'torch_version': torch.__version__, 'torch_threads': torch.get_num_threads(),
+      'torch_device': str(device), 'jax_backend': jax.default_backend(),
+      'jax_device_kind': jax.devices()[0].device_kind,
       'eval_logits_max_abs_diff': max_diff,
-      'torch': {**torch_t, 'first_step_s': torch_first_s, 'peak_rss_gib': torch_rss},
-      'jax': {**jax_t, 'compile_s': jax_compile_s},
+      'torch': {**torch_t, 'first_step_s': torch_first_s, 'peak_rss_gib': torch_rss,
+                **torch_extra},
+      'jax': {**jax_t, 'compile_s': jax_compile_s, **bench.device_memory()},
       'jax_time_ratio_vs_torch': jax_t['step_time_median_s'] / torch_t['step_time_median_s'],
       'jax_time_ratio_vs_torch_min': jax_t['step_time_min_s'] / torch_t['step_time_min_s'],
       'peak_rss_gib_both': bench.peak_rss_gib(),

@@ -1,7 +1,8 @@
 """Saving and restoring training state with orbax: one `Checkpointer` per run directory.
 
 Each step holds the unreplicated train state (`StandardSave`) beside a JSON `meta` dict.
-Written for single-host training (pmap over the local devices).
+With several processes, every process calls every method together, on one directory that all
+of them see; arrays must be global (`train_lib`'s strategies give them so).
 """
 import json
 import os
@@ -29,6 +30,14 @@ def _short(error: BaseException) -> str:
   if len(text) > _MAX_ERROR_CHARS:
     text = text[:_MAX_ERROR_CHARS] + ' ...'
   return f'{type(error).__name__}: {text}'
+
+
+def _on_every_process(ok: bool) -> bool:
+  """Whether `ok` holds on every process; all processes must call this together."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _abstract_leaf(leaf: Any) -> jax.ShapeDtypeStruct:
@@ -167,7 +176,9 @@ class Checkpointer:
     """Restores the newest step that can be read, falling back to older ones.
 
     Unreadable steps are logged and left on disk; the next `save` renames them to
-    `<step>.unreadable-<time>` so they neither block new saves nor get deleted.
+    `<step>.unreadable-<time>` so they neither block new saves nor get deleted. With several
+    processes, a step counts as readable only if every process could restore it, so that all
+    of them resume from the same one.
 
     Args:
       target_state: pytree like the saved state: concrete arrays or ShapeDtypeStructs.
@@ -184,11 +195,17 @@ class Checkpointer:
       return None
     failures, unreadable = [], []
     for step in reversed(steps):
+      error = None
       try:
         state, meta = self.restore(step, target_state)
       except CheckpointError as e:
-        logging.warning('Skipping unreadable checkpoint (will try an older step): %s', e)
-        failures.append(str(e))
+        error = str(e)
+      everywhere = _on_every_process(error is None)  # every process calls it, every step
+      if error is None and not everywhere:
+        error = f'{self.step_dir(step)} could not be restored on another process'
+      if error is not None:
+        logging.warning('Skipping unreadable checkpoint (will try an older step): %s', error)
+        failures.append(error)
         unreadable.append(step)
         continue
       if failures:
@@ -205,18 +222,25 @@ class Checkpointer:
         'directories aside, or point --workdir elsewhere to start afresh.')
 
   def _set_aside_unreadable(self) -> None:
-    """Renames steps restore_latest skipped: orbax never saves a step <= its latest."""
+    """Renames steps restore_latest skipped: orbax never saves a step <= its latest.
+
+    Process 0 renames; the others wait for it, then all of them re-read the directory.
+    """
     if not self._unreadable:
       return
     self.wait_until_finished()
-    stamp = time.strftime('%Y%m%d-%H%M%S')
-    for step in self._unreadable:
-      source = self.step_dir(step)
-      if os.path.isdir(source):
-        dest = f'{source}.unreadable-{stamp}'
-        os.rename(source, dest)
-        logging.warning('Renamed unreadable checkpoint %s to %s; delete it when no '
-                        'longer needed.', source, dest)
+    if jax.process_index() == 0:
+      stamp = time.strftime('%Y%m%d-%H%M%S')
+      for step in self._unreadable:
+        source = self.step_dir(step)
+        if os.path.isdir(source):
+          dest = f'{source}.unreadable-{stamp}'
+          os.rename(source, dest)
+          logging.warning('Renamed unreadable checkpoint %s to %s; delete it when no '
+                          'longer needed.', source, dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('checkpoint: unreadable steps renamed')
     self._unreadable = []
     self._manager.reload()
 

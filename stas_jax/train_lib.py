@@ -266,6 +266,20 @@ def masked_eval_sums(logits: jax.Array, targets: jax.Array, labels: jax.Array,
 # --------------------------------------------------------------------------- parallelism
 
 
+def _local_value(x: Any) -> np.ndarray:
+  """The value of a replicated leaf on this process: numpy, a local or a global jax.Array."""
+  return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
+
+
+def _replicated_array(x: Any, sharding: jax.sharding.NamedSharding) -> jax.Array:
+  """x copied to every device of `sharding` (replicated), built from this process's copy:
+  unlike jax.device_put, no cross-process check that every process passed the same value."""
+  value = _local_value(x)
+  local = [d for d in sharding.mesh.devices.flat if d.process_index == jax.process_index()]
+  return jax.make_array_from_single_device_arrays(
+      value.shape, sharding, [jax.device_put(value, d) for d in local])
+
+
 def _check_divisible(config: ml_collections.ConfigDict, devices: int):
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] % devices:
@@ -274,7 +288,8 @@ def _check_divisible(config: ml_collections.ConfigDict, devices: int):
 
 
 class PmapStrategy:
-  """jax.pmap over the local devices: replicated state, batches split (devices, per_device).
+  """jax.pmap over the devices of every process: replicated state, each process's batch split
+  over its own devices (local devices, per_device).
 
   Gradients and train metrics are pmean'd over AXIS. BatchNorm statistics are per device
   (as in the PyTorch reference) unless model.bn_cross_replica; per-device running statistics
@@ -282,34 +297,49 @@ class PmapStrategy:
   running-average update is linear, these averages do not depend on when earlier syncs happened.
   The halting distribution prior (a non-linear function of the batch's halting distribution) is
   computed per device, as A-ViT does per GPU; under jit it sees the global batch.
+
+  With several processes, the pmapped functions take and return arrays of this process's
+  devices, and their collectives span all processes; `get_state` gives global arrays, which
+  orbax saves and restores across processes.
   """
 
   def __init__(self, ctx: StepContext, devices: Optional[List[Any]] = None):
-    self.devices = devices or jax.local_devices()
-    self.num = len(self.devices)
+    # pmap needs the same list of every process's devices on each process.
+    self.global_devices = list(devices or jax.devices())
+    self.devices = [d for d in self.global_devices if d.process_index == jax.process_index()]
+    self.num, self.num_global = len(self.devices), len(self.global_devices)
+    self.replicated = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.asarray(self.global_devices), (AXIS,)), jax.sharding.PartitionSpec())
     self.cross_replica = bool(ctx.config.model.bn_cross_replica)
     self._train = jax.pmap(functools.partial(train_step, ctx=ctx, axis_name=AXIS),
                            axis_name=AXIS, in_axes=(0, 0, None, None), donate_argnums=(0,),
-                           devices=self.devices)
+                           devices=self.global_devices)
     # Devices are added inside the pmap: reducing its sharded output afterwards would run one
     # more multi-device program per metric, and on CPU such programs, queued behind the pmap,
     # can deadlock in XLA's collective rendezvous.
     self._eval = jax.pmap(lambda state, batch: lax.psum(eval_step(state, batch, ctx=ctx), AXIS),
-                          axis_name=AXIS, devices=self.devices)
-    self._pmean = jax.pmap(lambda t: lax.pmean(t, AXIS), axis_name=AXIS, devices=self.devices)
+                          axis_name=AXIS, devices=self.global_devices)
+    self._pmean = jax.pmap(lambda t: lax.pmean(t, AXIS), axis_name=AXIS,
+                           devices=self.global_devices)
 
   def put_state(self, state: TrainState) -> TrainState:
-    """One copy per device, laid out exactly as the pmapped step returns the state: any other
-    layout (flax's replicate uses another mesh axis name) makes the step compile twice."""
+    """One copy per local device, laid out exactly as the pmapped step returns the state: any
+    other layout (flax's replicate uses another mesh axis name) makes the step compile twice.
+    Takes what `get_state` or `create_train_state` returns."""
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(self.devices), (AXIS,)),
                                           jax.sharding.PartitionSpec(AXIS))
-    return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * self.num), sharding),
-                        state)
+    return jax.tree.map(lambda x: jax.device_put(np.stack([_local_value(x)] * self.num),
+                                                 sharding), state)
 
   def get_state(self, state: TrainState) -> TrainState:
-    """The unreplicated state (on the first device), for checkpoints and inspection."""
+    """The unreplicated state, one copy on each of the pmap's devices (a global array when
+    there are several processes), for checkpoints and inspection. Nothing crosses devices: each
+    keeps its own replica, which `sync_batch_stats` makes equal to the others."""
     # Not flax's unreplicate: for a one-device pmap it returns the (1, ...) array as is.
-    return jax.tree.map(lambda x: x.addressable_shards[0].data[0], state)
+    def unreplicate(x):
+      return jax.make_array_from_single_device_arrays(
+          x.shape[1:], self.replicated, [s.data[0] for s in x.addressable_shards])
+    return jax.tree.map(unreplicate, state)
 
   def put_batch(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     def split(x):
@@ -341,8 +371,8 @@ class JitStrategy:
   """
 
   def __init__(self, ctx: StepContext, devices: Optional[List[Any]] = None):
-    devices = devices or jax.devices()
-    self.num = len(devices)
+    devices = list(devices or jax.devices())
+    self.num = self.num_global = len(devices)
     mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
     self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self.sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
@@ -353,7 +383,7 @@ class JitStrategy:
                          out_shardings=r)
 
   def put_state(self, state: TrainState) -> TrainState:
-    return jax.device_put(state, self.replicated)
+    return jax.tree.map(lambda x: _replicated_array(x, self.replicated), state)
 
   def get_state(self, state: TrainState) -> TrainState:
     return state
@@ -367,10 +397,12 @@ class JitStrategy:
     return self._train(state, self.put_batch(batch), base_key, epoch)
 
   def eval_sums(self, state, batch):
-    return self._eval(state, self.put_batch(batch))
+    # This process's copy of the replicated sums: adding them up runs no multi-process program.
+    return jax.tree.map(lambda x: x.addressable_data(0), self._eval(state, self.put_batch(batch)))
 
   def host_metrics(self, metrics) -> Dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+    local = jax.device_get({k: v.addressable_data(0) for k, v in metrics.items()})
+    return {k: float(v) for k, v in local.items()}
 
   def sync_batch_stats(self, state: TrainState) -> TrainState:
     return state
@@ -382,8 +414,7 @@ def create_strategy(ctx: StepContext, devices: Optional[List[Any]] = None):
   if mode not in PARALLEL_MODES:
     raise ValueError(f'config.parallel={mode!r}; choose one of {PARALLEL_MODES}')
   strategy = (PmapStrategy if mode == 'pmap' else JitStrategy)(ctx, devices)
-  total = strategy.num * (jax.process_count() if mode == 'pmap' and devices is None else 1)
-  _check_divisible(ctx.config, total)
+  _check_divisible(ctx.config, strategy.num_global)
   return strategy
 
 
@@ -392,14 +423,65 @@ def bn_axis_name(config: ml_collections.ConfigDict) -> Optional[str]:
   return AXIS if config.parallel == 'pmap' and config.model.bn_cross_replica else None
 
 
-def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-  """jax.distributed.initialize() for multi-host runs: when config.distributed is set or the
-  environment names a coordinator (JAX_COORDINATOR_ADDRESS). Call before any other JAX use."""
-  if config.get('distributed', False) or os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize()
-    logging.info('jax.distributed: process %d of %d, %d local / %d global devices.',
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count())
+@dataclasses.dataclass(frozen=True)
+class DistributedOptions:
+  """How this process joins a multi-process run (train.py's flags); None: JAX finds out.
+
+  Attributes:
+    coordinator_address: host:port of process 0, which runs JAX's coordination service
+      (also read from $JAX_COORDINATOR_ADDRESS).
+    num_processes: how many processes take part.
+    process_id: this process's index, 0 .. num_processes - 1.
+    heartbeat_timeout_s: a process silent for this long counts as dead; the others then exit
+      with an error instead of waiting for it.
+    shutdown_timeout_s: how long a finishing process waits for the others at exit.
+    initialization_timeout_s: how long to wait for every process to connect.
+  """
+  coordinator_address: Optional[str] = None
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
+  heartbeat_timeout_s: int = 100
+  shutdown_timeout_s: int = 300
+  initialization_timeout_s: int = 300
+
+  @property
+  def requested(self) -> bool:
+    return (any(v is not None for v in (self.coordinator_address, self.num_processes,
+                                        self.process_id))
+            or bool(os.environ.get('JAX_COORDINATOR_ADDRESS')))
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict,
+                                 options: DistributedOptions = DistributedOptions()) -> bool:
+  """jax.distributed.initialize() for multi-process runs; call before any other JAX use.
+
+  Runs when `options` name any part of the run (or $JAX_COORDINATOR_ADDRESS is set), or with
+  config.distributed, where JAX detects the rest on the clusters it knows (SLURM, Open MPI,
+  Cloud TPU, ...). Collectives go over NCCL on GPUs, ICI on TPUs and gloo on CPUs.
+
+  Returns:
+    Whether it initialised the distributed runtime.
+  """
+  if not (config.get('distributed', False) or options.requested):
+    return False
+  try:
+    jax.distributed.initialize(
+        coordinator_address=options.coordinator_address, num_processes=options.num_processes,
+        process_id=options.process_id, initialization_timeout=options.initialization_timeout_s,
+        heartbeat_timeout_seconds=options.heartbeat_timeout_s,
+        shutdown_timeout_seconds=options.shutdown_timeout_s)
+  except ValueError as e:  # some of the three missing, and no cluster to detect them from
+    raise ValueError(
+        f'{e} Start every process with --coordinator_address=HOST:PORT (of process 0), '
+        '--num_processes=N and its own --process_id=I, or, under SLURM, Open MPI or on a '
+        'Cloud TPU pod, with --config.distributed=True (README, "Multi-process training").'
+    ) from e
+  logging.info('jax.distributed: process %d of %d, %d local / %d global devices. If a process '
+               'dies, the others stop within %d s (JAX: "Terminating process because the JAX '
+               'distributed service detected fatal errors"); then rerun every process to '
+               'resume from the last checkpoint.', jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(), options.heartbeat_timeout_s)
+  return True
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -497,11 +579,28 @@ def format_summary(metrics: Dict[str, Any], timesteps: int) -> str:
 
 
 class _StopFlag:
-  """Records SIGTERM / SIGINT instead of dying mid-step; a second SIGINT interrupts at once."""
+  """Records SIGTERM / SIGINT instead of dying mid-step; a second SIGINT interrupts at once.
+
+  With several processes, a signal reaches each at a different step, and one process saving
+  while the others train would deadlock their collectives. There, SIGTERM is left to JAX's
+  preemption notifier, which makes every process stop after the same step
+  (`multihost_utils.reached_preemption_sync_point`), and SIGINT keeps its default: the process
+  stops, and the others exit with the distributed runtime's error.
+  """
 
   def __init__(self):
     self.signum = None
     self._previous = {}
+    self._multiprocess = jax.process_count() > 1
+
+  def stop_after(self, step: int) -> bool:
+    """Whether to save and stop after `step`; every process must call it after every step."""
+    if self._multiprocess:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      if multihost_utils.reached_preemption_sync_point(step):
+        logging.warning('SIGTERM received by a process: saving a checkpoint after step %d.', step)
+        self.signum = signal.SIGTERM
+    return self.signum is not None
 
   def _handle(self, signum, frame):
     if self.signum == signal.SIGINT and signum == signal.SIGINT:
@@ -511,7 +610,7 @@ class _StopFlag:
     self.signum = signum
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread() and not self._multiprocess:
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
@@ -611,8 +710,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if restored is not None:
       host_state, meta, step = restored
       state = strategy.put_state(host_state)
-      input_pipeline.set_iterator_state(data.train_iter,
-                                        meta['data_iterator_states'][jax.process_index()])
+      iterator_states = meta['data_iterator_states']
+      if len(iterator_states) != jax.process_count():
+        raise checkpoint.CheckpointError(
+            f'The checkpoint of step {step} in {ckpt.directory} was written by '
+            f'{len(iterator_states)} process(es), each with its own data-iterator position; '
+            f'resume it with {len(iterator_states)} (--num_processes), not '
+            f'{jax.process_count()}, or point --workdir elsewhere to start afresh.')
+      input_pipeline.set_iterator_state(data.train_iter, iterator_states[jax.process_index()])
       pending, resume_lines = meta['pending_train_metrics'], meta['metrics_lines']
       if meta['config'] != _config_json(config):
         logging.warning('Resuming with a config that differs from the checkpoint\'s.')
@@ -711,7 +816,7 @@ def _train_loop(config, workdir, data, strategy, state, ckpt, history, stop, ste
 
     if step % config.checkpoint_every_steps == 0 or step == total_steps:
       save()
-    if stop.signum is not None:
+    if stop.stop_after(step):
       if last_saved != step:
         save()
       ckpt.wait_until_finished()
