@@ -1,13 +1,15 @@
 """Ablation study: {sps, isps} x {none, spatial, temporal, spatiotemporal} and a timestep sweep
-of the full model, every row trained and evaluated with the same seed and budget.
+of the full model, every row trained and evaluated with the same seeds and budget.
 
-  python -m stas_jax.ablate --config=configs/ablation_demo.py --out=runs/ablation \
+  python -m stas_jax.ablate --config=configs/demo.py --out=runs/study --seeds=0,1,2 \
       [--study_config=FILE] [--rows=sps-none,isps-spatiotemporal] [--t_sweep=1,2]
 
-Each row is a few config overrides of the one base config, trained in OUT/<row> with
-`train_lib.train_and_evaluate` and evaluated with `stas_jax.evaluate`. Rerunning reuses the
-rows that finished (their eval.json matches the row's config at the last step) and resumes a
-half-trained one from its checkpoint. Writes OUT/ablation.csv, OUT/ablation.md,
+Each row is a few config overrides of the one base config, trained with
+`train_lib.train_and_evaluate` and evaluated with `stas_jax.evaluate`: in OUT/<row> for the
+base config's seed alone, in OUT/<row>/seed<k> for each of --seeds. Rerunning reuses the runs
+that finished (their eval.json matches the run's config at the last step) and resumes a
+half-trained one from its checkpoint. Writes OUT/ablation.csv (a line per row: the mean and
+the sample std over seeds), OUT/ablation_runs.csv (a line per run), OUT/ablation.md,
 OUT/accuracy_energy.png and OUT/temporal_similarity.png.
 """
 import csv
@@ -15,8 +17,9 @@ import dataclasses
 import json
 import os
 import sys
+import statistics
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -27,10 +30,11 @@ from ml_collections import config_flags
 from stas_jax import energy
 from stas_jax import evaluate
 from stas_jax import input_pipeline
+from stas_jax import model_config
 from stas_jax import plots
 from stas_jax import train_lib
 
-CSV, MD = 'ablation.csv', 'ablation.md'
+CSV, RUNS_CSV, MD = 'ablation.csv', 'ablation_runs.csv', 'ablation.md'
 ACCURACY_ENERGY_PNG, SIMILARITY_PNG = 'accuracy_energy.png', 'temporal_similarity.png'
 ROW_INFO = 'ablation_row.json'
 EMBED_NAMES = {'sps': 'SPS', 'isps': 'I-SPS'}
@@ -47,6 +51,7 @@ def default_study() -> ml_collections.ConfigDict:
   s.baseline = 'sps-none'          # energy saving and accuracy change are relative to this row
   s.similarity_rows = ('sps-none', 'isps-none')  # the SPS vs I-SPS temporal-similarity plot
   s.run_plots = True               # each row's own figures in OUT/<row>/plots
+  s.seeds = ()                     # seeds of every row; () = the base config's seed alone
   return s
 
 
@@ -86,13 +91,30 @@ def study_rows(base: ml_collections.ConfigDict, study: ml_collections.ConfigDict
   return grid + sweep
 
 
-def row_config(base: ml_collections.ConfigDict, row: Row) -> ml_collections.ConfigDict:
-  """The base config with the row's patch embedding, halting mode and timesteps."""
+def row_config(base: ml_collections.ConfigDict, row: Row,
+               seed: Optional[int] = None) -> ml_collections.ConfigDict:
+  """The base config with the row's patch embedding, halting mode and timesteps (and seed).
+
+  An SPS row records the default `model.isps` group, which it does not use, so that its runs
+  stay reusable when a study changes only I-SPS settings.
+  """
   config = ml_collections.ConfigDict(base.to_dict())
+  if row.patch_embed != 'isps':
+    config.model.isps = ml_collections.ConfigDict(
+        dataclasses.asdict(model_config.ISPSSpec()))
   config.model.patch_embed = row.patch_embed
   config.model.halt.mode = row.halt_mode
   config.model.timesteps = row.timesteps
+  if seed is not None:
+    config.seed = seed
   return config
+
+
+def run_dirs(row: Row, seeds: Sequence[int]) -> List[Tuple[Optional[int], str]]:
+  """(seed, run directory relative to OUT) of each run of a row: OUT/<row> without seeds."""
+  if not seeds:
+    return [(None, row.run_dir)]
+  return [(int(k), os.path.join(row.run_dir, f'seed{int(k)}')) for k in seeds]
 
 
 def _read_json(path: str) -> Optional[Dict[str, Any]]:
@@ -147,15 +169,14 @@ def training_finished(run_dir: str, total_steps: int) -> bool:
   return any(r.get('kind') == 'eval' and r.get('step') == total_steps for r in records)
 
 
-def run_row(row: Row, config: ml_collections.ConfigDict, out: str,
+def run_row(row: Row, config: ml_collections.ConfigDict, run_dir: str,
             data: input_pipeline.DataBundle, run_plots: bool) -> Dict[str, Any]:
-  """Trains (or resumes) and evaluates one row unless its run already finished.
+  """Trains (or resumes) and evaluates one run of a row unless it already finished.
 
   Returns:
     The run's eval report plus 'train_wall_time_s' (of the session that finished training,
     None if unknown) and 'reused' ('evaluation', 'training' or None).
   """
-  run_dir = os.path.join(out, row.run_dir)
   info_path = os.path.join(run_dir, ROW_INFO)
   report = finished_report(run_dir, config)
   reused = 'evaluation'
@@ -185,21 +206,52 @@ def run_row(row: Row, config: ml_collections.ConfigDict, out: str,
   return dict(report, train_wall_time_s=info.get('train_wall_time_s'), reused=reused)
 
 
-def _table_rows(rows: Sequence[Row], reports: Dict[str, Dict[str, Any]],
-                baseline: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
+# Per-run metrics that the table averages over seeds: (column, report key, scale).
+_MEASURES = (('top1', 'top1', 100.0), ('top5', 'top5', 100.0), ('energy_mj', 'energy_mj', 1.0),
+             ('token_ratio', 'token_ratio', 1.0), ('timesteps_per_token', 'timesteps', 1.0))
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
+  """Mean and sample standard deviation (None for a single value)."""
+  values = [float(v) for v in values]
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _run_lines(rows: Sequence[Row], reports: Dict[str, List[Dict[str, Any]]]
+               ) -> List[Dict[str, Any]]:
+  """One line per run (row and seed) with its own figures, as in ablation_runs.csv."""
   out = []
   for row in rows:
-    r = reports[row.name]
+    for r in reports[row.name]:
+      line = {'row': row.name, 'seed': r['config']['seed']}
+      line.update({col: scale * r[key] for col, key, scale in _MEASURES})
+      line.update({f'energy_{k}_mj': r['energy_split_mj'][k] for k in energy.SPLIT})
+      line['train_wall_time_s'] = r.get('train_wall_time_s')
+      line['run_dir'] = r['workdir']
+      out.append(line)
+  return out
+
+
+def _table_rows(rows: Sequence[Row], reports: Dict[str, List[Dict[str, Any]]],
+                baseline: Optional[List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+  """One line per row: each measure's mean and sample std over the row's seeds; the accuracy
+  change and energy saving are relative to the baseline row's means."""
+  base_top1 = base_energy = None
+  if baseline is not None:
+    base_top1 = statistics.fmean(100 * r['top1'] for r in baseline)
+    base_energy = statistics.fmean(r['energy_mj'] for r in baseline)
+  out = []
+  for row in rows:
+    runs = reports[row.name]
     line = {'row': row.name, 'kind': row.kind, 'patch_embed': row.patch_embed,
-            'halt_mode': row.halt_mode, 'timesteps': row.timesteps, 'top1': 100 * r['top1'],
-            'top5': 100 * r['top5'], 'energy_mj': r['energy_mj'],
-            'token_ratio': r['token_ratio'], 'timesteps_per_token': r['timesteps'],
-            'delta_top1_pp': None, 'energy_saving_pct': None}
-    if baseline is not None:
-      line['delta_top1_pp'] = 100 * (r['top1'] - baseline['top1'])
-      line['energy_saving_pct'] = 100 * (1 - r['energy_mj'] / baseline['energy_mj'])
-    line.update({f'energy_{k}_mj': r['energy_split_mj'][k] for k in energy.SPLIT})
-    line['train_wall_time_s'] = r.get('train_wall_time_s')
+            'halt_mode': row.halt_mode, 'timesteps': row.timesteps, 'seeds': len(runs)}
+    for col, key, scale in _MEASURES:
+      line[col], line[f'{col}_std'] = _mean_std([scale * r[key] for r in runs])
+    line['delta_top1_pp'] = None if base_top1 is None else line['top1'] - base_top1
+    line['energy_saving_pct'] = (None if base_energy is None
+                                 else 100 * (1 - line['energy_mj'] / base_energy))
+    line.update({f'energy_{k}_mj': statistics.fmean(r['energy_split_mj'][k] for r in runs)
+                 for k in energy.SPLIT})
     line['run_dir'] = row.run_dir
     out.append(line)
   return out
@@ -213,16 +265,23 @@ def _fmt(value, spec: str, suffix: str = '') -> str:
   return '-' if value is None else f'{value:{spec}}{suffix}'
 
 
+def _pm(line: Dict[str, Any], col: str, spec: str) -> str:
+  """'mean +- std' of a column ('mean' alone for one seed)."""
+  std = line[f'{col}_std']
+  return f'{line[col]:{spec}}' + ('' if std is None else f' ± {std:{spec}}')
+
+
 def format_markdown(lines: List[Dict[str, Any]], base: ml_collections.ConfigDict,
                     study: ml_collections.ConfigDict, steps: int) -> str:
   """ablation.md: the grid table (as in the paper) and the timestep-sweep table."""
   m = base.model
+  seeds = ', '.join(str(k) for k in (study.seeds or (base.seed,)))
   md = ['# Ablation: patch embedding x halting mode, and timesteps\n\n',
         f'Every row: {base.data.dataset}, dim {m.dim}, depth {m.depth}, {m.heads} heads, '
-        f'seed {base.seed}, {steps} training steps of batch {base.batch_size}; energy per test '
-        f'image (45 nm: 0.9 pJ / AC, 4.6 pJ / MAC); saving and accuracy change vs '
-        f'`{study.baseline}`.\n\n']
-  header = ('row', 'patch embed', 'halting', 'T', 'top-1 (%)', 'change (pp)', 'energy (mJ)',
+        f'{steps} training steps of batch {base.batch_size}, seeds {seeds}; mean ± sample std '
+        f'over the seeds; energy per test image (45 nm: 0.9 pJ / AC, 4.6 pJ / MAC); saving '
+        f'and accuracy change of the means vs `{study.baseline}`.\n\n']
+  header = ('row', 'patch embed', 'halting', 'T', 'top-1 (%)', 'change (pp)', 'energy (uJ)',
             'saving (%)', 'token ratio', 'timesteps')
   for kind, title in (('grid', 'Grid'), ('t_sweep', 'Timestep sweep of ' +
                                           '-'.join(study.full_model))):
@@ -231,11 +290,13 @@ def format_markdown(lines: List[Dict[str, Any]], base: ml_collections.ConfigDict
       continue
     md.append(f'## {title}\n\n| ' + ' | '.join(header) + ' |\n|' + ' --- |' * len(header) + '\n')
     for l in sel:
+      micro = dict(l, energy_uj=1e3 * l['energy_mj'],
+                   energy_uj_std=None if l['energy_mj_std'] is None else 1e3 * l['energy_mj_std'])
       cells = (f"`{l['row']}`", EMBED_NAMES.get(l['patch_embed'], l['patch_embed']),
-               l['halt_mode'], l['timesteps'], f"{l['top1']:.2f}",
-               _fmt(l['delta_top1_pp'], '+.2f'), f"{l['energy_mj']:.4f}",
-               _fmt(l['energy_saving_pct'], '.1f'), f"{l['token_ratio']:.3f}",
-               f"{l['timesteps_per_token']:.2f}")
+               l['halt_mode'], l['timesteps'], _pm(l, 'top1', '.2f'),
+               _fmt(l['delta_top1_pp'], '+.2f'), _pm(micro, 'energy_uj', '.2f'),
+               _fmt(l['energy_saving_pct'], '.1f'), _pm(l, 'token_ratio', '.3f'),
+               _pm(l, 'timesteps_per_token', '.2f'))
       md.append('| ' + ' | '.join(str(c) for c in cells) + ' |\n')
     md.append('\n')
   md.append('## Energy by part (uJ / image)\n\n| row | ' + ' | '.join(energy.SPLIT) + ' |\n|'
@@ -250,23 +311,29 @@ def format_markdown(lines: List[Dict[str, Any]], base: ml_collections.ConfigDict
   return ''.join(md)
 
 
-def write_outputs(out: str, rows: Sequence[Row], reports: Dict[str, Dict[str, Any]],
+def _write_csv(path: str, lines: List[Dict[str, Any]]) -> None:
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(lines[0]))
+    writer.writeheader()
+    writer.writerows([{k: _round(v) for k, v in l.items()} for l in lines])
+
+
+def write_outputs(out: str, rows: Sequence[Row], reports: Dict[str, List[Dict[str, Any]]],
                   base: ml_collections.ConfigDict, study: ml_collections.ConfigDict,
                   steps: int) -> List[Dict[str, Any]]:
-  """ablation.csv, ablation.md and the two study figures; returns the table lines."""
+  """ablation.csv, ablation_runs.csv, ablation.md and the two study figures; returns the table
+  lines (one per row, means and stds over its seeds)."""
   baseline = reports.get(study.baseline)
   if baseline is None:
     logging.warning('baseline row %s not in this study: no saving / change columns',
                     study.baseline)
   lines = _table_rows(rows, reports, baseline)
-  with open(os.path.join(out, CSV), 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=list(lines[0]))
-    writer.writeheader()
-    writer.writerows([{k: _round(v) for k, v in l.items()} for l in lines])
+  _write_csv(os.path.join(out, CSV), lines)
+  _write_csv(os.path.join(out, RUNS_CSV), _run_lines(rows, reports))
   with open(os.path.join(out, MD), 'w') as f:
     f.write(format_markdown(lines, base, study, steps))
-  # One point per run: a sweep row that is a grid row's run only adds 'T=..' to its label.
-  points = {}
+  # One point per run directory: a sweep row that is a grid row's run only adds 'T=..'.
+  points, errors = {}, {}
   for l in lines:
     if l['run_dir'] in points:
       points[l['run_dir']][0] += f" (T={l['timesteps']})"
@@ -276,14 +343,19 @@ def write_outputs(out: str, rows: Sequence[Row], reports: Dict[str, Dict[str, An
         f"T={l['timesteps']}" if sweep else l['halt_mode'], l['energy_mj'], l['top1'],
         f"T sweep ({'+'.join(study.full_model)})" if sweep
         else EMBED_NAMES.get(l['patch_embed'], l['patch_embed'])]
+    errors[l['run_dir']] = (l['energy_mj_std'] or 0.0, l['top1_std'] or 0.0)
   plots.accuracy_energy(os.path.join(out, ACCURACY_ENERGY_PNG),
                         [tuple(p) for p in points.values()],
-                        title=f'{base.data.dataset}: accuracy vs energy per image')
+                        title=f'{base.data.dataset}: accuracy vs energy per image'
+                              + (f' (mean ± std, {len(study.seeds)} seeds)'
+                                 if len(study.seeds) > 1 else ''),
+                        errors=list(errors.values()) if len(study.seeds) > 1 else None)
   curves = {}
   by_run = {row.run_dir: reports[row.name] for row in rows}
   for name in study.similarity_rows:  # a grid row's name is its run directory
     r = reports.get(name, by_run.get(name))
     if r is not None:
+      r = r[0]  # the first seed's run
       pe = EMBED_NAMES.get(r['config']['model']['patch_embed'], name)
       curves[f"{pe} ({r['config']['model']['halt']['mode']})"] = (
           r['temporal_similarity_all_tokens'])
@@ -315,13 +387,17 @@ def run_study(base: ml_collections.ConfigDict, out: str,
   rows = study_rows(base, study)
   data = input_pipeline.create_datasets(base, process_index=0, process_count=1)
   steps = train_lib.total_train_steps(base, data.steps_per_epoch)
-  reports = {}
+  reports: Dict[str, List[Dict[str, Any]]] = {}
   by_dir: Dict[str, Dict[str, Any]] = {}
   for i, row in enumerate(rows):
-    logging.info('[%d/%d] %s', i + 1, len(rows), row.name)
-    if row.run_dir not in by_dir:
-      by_dir[row.run_dir] = run_row(row, row_config(base, row), out, data, study.run_plots)
-    reports[row.name] = by_dir[row.run_dir]
+    reports[row.name] = []
+    for seed, run_dir in run_dirs(row, study.seeds):
+      logging.info('[%d/%d] %s%s', i + 1, len(rows), row.name,
+                   '' if seed is None else f' seed {seed}')
+      if run_dir not in by_dir:
+        by_dir[run_dir] = run_row(row, row_config(base, row, seed), os.path.join(out, run_dir),
+                                  data, study.run_plots)
+      reports[row.name].append(by_dir[run_dir])
   lines = write_outputs(out, rows, reports, base, study, steps)
   logging.info('Study of %d rows (%d runs) done in %.1f min; see %s', len(rows), len(by_dir),
                (time.monotonic() - start) / 60, os.path.join(out, MD))
@@ -340,6 +416,9 @@ def define_flags():
                     "(default: the study config's, i.e. all).")
   flags.DEFINE_list('t_sweep', None, 'Timesteps of the sweep, e.g. 1,2,4,6; empty: no sweep '
                     "(default: the study config's).")
+  flags.DEFINE_list('seeds', None, 'Seeds of every row, e.g. 0,1,2: runs in OUT/<row>/seed<k> '
+                    "and mean +- std in the table (default: the study config's; none: the base "
+                    "config's seed, in OUT/<row>).")
 
 
 def main(argv):
@@ -353,6 +432,8 @@ def main(argv):
     study.rows = tuple(f.rows)
   if f.t_sweep is not None:
     study.t_sweep = tuple(int(t) for t in f.t_sweep)
+  if f.seeds is not None:
+    study.seeds = tuple(int(k) for k in f.seeds)
   try:
     run_study(f.config, f.out, study)
   except train_lib.TrainingInterrupted as e:

@@ -176,21 +176,29 @@ def _place_labels(fig, ax, labelled):
 
 
 def accuracy_energy(path: str, points: Sequence[Tuple[str, float, float, str]],
-                    title: str = 'Accuracy vs energy') -> str:
+                    title: str = 'Accuracy vs energy',
+                    errors: Optional[Sequence[Tuple[float, float]]] = None) -> str:
   """Scatter of top-1 accuracy (%) against energy (mJ / image), one labelled point per row.
 
   Args:
     path: PNG to write.
     points: (label, energy_mj, top1 in %, group) per row; groups share a colour and marker.
+    title: the figure title.
+    errors: optional (energy std, top-1 std) per point, drawn as error bars (e.g. over seeds).
   """
   fig, ax = plt.subplots(figsize=(6.0, 4.2))
   groups = list(dict.fromkeys(p[3] for p in points))
   styles = dict(zip(groups, zip(plt.get_cmap('tab10').colors, 'os^dv<>p')))
   for group in groups:
-    sel = [p for p in points if p[3] == group]
+    idx = [i for i, p in enumerate(points) if p[3] == group]
+    sel = [points[i] for i in idx]
     color, marker = styles[group]
     ax.scatter([p[1] for p in sel], [p[2] for p in sel], color=color, marker=marker, s=36,
                label=group)
+    if errors is not None:
+      ax.errorbar([p[1] for p in sel], [p[2] for p in sel], xerr=[errors[i][0] for i in idx],
+                  yerr=[errors[i][1] for i in idx], fmt='none', ecolor=color, alpha=0.6,
+                  capsize=2, lw=0.8)
   _place_labels(fig, ax, [(p[0], p[1], p[2]) for p in points])
   ax.set_xlabel('energy (mJ / image)')
   ax.set_ylabel('top-1 accuracy (%)')

@@ -137,3 +137,42 @@ def test_run_of_another_config_is_refused_not_reused(first_study, monkeypatch, t
   with pytest.raises(ablate.StaleRunError,
                      match=re.escape('optim.learning_rate: 0.001 -> 0.0005')):
     ablate.run_study(base, copy, _tiny_study())
+
+
+def test_seeds_run_every_row_per_seed_and_report_mean_and_std(tmp_path, compilation_cache):
+  del compilation_cache
+  study = _tiny_study()
+  study.t_sweep = ()
+  study.seeds = (0, 1)
+  out = str(tmp_path / 'seeds')
+  lines = ablate.run_study(_base(), out, study)
+  assert sorted(os.listdir(os.path.join(out, 'sps-none'))) == ['seed0', 'seed1']
+  with open(os.path.join(out, ablate.RUNS_CSV)) as f:
+    runs = list(csv.DictReader(f))
+  assert [(r['row'], int(r['seed'])) for r in runs] == [('sps-none', 0), ('sps-none', 1)]
+  reports = []
+  for seed in (0, 1):
+    with open(os.path.join(out, 'sps-none', f'seed{seed}', evaluate.EVAL_JSON)) as f:
+      reports.append(json.load(f))
+  assert [r['config']['seed'] for r in reports] == [0, 1]
+  (line,) = lines
+  top1 = [100 * r['top1'] for r in reports]
+  energy_mj = [r['energy_mj'] for r in reports]
+  assert line['seeds'] == 2
+  assert line['top1'] == pytest.approx(sum(top1) / 2)
+  assert line['top1_std'] == pytest.approx(abs(top1[0] - top1[1]) / 2 ** 0.5)
+  assert line['energy_mj'] == pytest.approx(sum(energy_mj) / 2)
+  assert line['energy_mj_std'] == pytest.approx(abs(energy_mj[0] - energy_mj[1]) / 2 ** 0.5)
+  assert energy_mj[0] != energy_mj[1]  # two seeds really are two different runs
+  with open(os.path.join(out, ablate.MD)) as f:
+    md = f.read()
+  assert 'seeds 0, 1' in md and '±' in md
+
+
+def test_sps_rows_record_the_default_isps_group():
+  base = ablation_demo.get_config()
+  base.model.isps.tail = 'any_spike'
+  rows = {r.name: r for r in ablate.study_rows(base, ablate.default_study())}
+  assert ablate.row_config(base, rows['sps-none']).model.isps.tail == 'single_step'
+  assert ablate.row_config(base, rows['isps-none']).model.isps.tail == 'any_spike'
+  assert ablate.row_config(base, rows['sps-none'], seed=7).seed == 7
