@@ -30,7 +30,6 @@ from ml_collections import config_flags
 from stas_jax import energy
 from stas_jax import evaluate
 from stas_jax import input_pipeline
-from stas_jax import model_config
 from stas_jax import plots
 from stas_jax import train_lib
 
@@ -93,15 +92,8 @@ def study_rows(base: ml_collections.ConfigDict, study: ml_collections.ConfigDict
 
 def row_config(base: ml_collections.ConfigDict, row: Row,
                seed: Optional[int] = None) -> ml_collections.ConfigDict:
-  """The base config with the row's patch embedding, halting mode and timesteps (and seed).
-
-  An SPS row records the default `model.isps` group, which it does not use, so that its runs
-  stay reusable when a study changes only I-SPS settings.
-  """
+  """The base config with the row's patch embedding, halting mode and timesteps (and seed)."""
   config = ml_collections.ConfigDict(base.to_dict())
-  if row.patch_embed != 'isps':
-    config.model.isps = ml_collections.ConfigDict(
-        dataclasses.asdict(model_config.ISPSSpec()))
   config.model.patch_embed = row.patch_embed
   config.model.halt.mode = row.halt_mode
   config.model.timesteps = row.timesteps
@@ -143,9 +135,34 @@ def config_differences(recorded: Any, current: Any, name: str = '') -> List[str]
   return [] if recorded == current else [f'{name or "config"}: {recorded!r} -> {current!r}']
 
 
+# Halting settings that a run with halting mode none reads (the score parameters exist if
+# learnable); its other halting constants only shape losses it does not compute.
+_HALT_KEYS_WITHOUT_HALTING = ('mode', 'learnable')
+
+
+def used_settings(config: Any) -> Any:
+  """A config's JSON data without the groups its model does not use: `model.isps` for the SPS
+  patch embedding, and the halting constants for halting mode none."""
+  if not isinstance(config, dict) or not isinstance(config.get('model'), dict):
+    return config
+  model = dict(config['model'])
+  if model.get('patch_embed') == 'sps':
+    model.pop('isps', None)
+  halt = model.get('halt')
+  if isinstance(halt, dict) and halt.get('mode') == 'none':
+    model['halt'] = {k: v for k, v in halt.items() if k in _HALT_KEYS_WITHOUT_HALTING}
+  return dict(config, model=model)
+
+
+def run_differences(recorded: Any, current: Any) -> List[str]:
+  """`config_differences` of the settings the run's model uses (`used_settings`), so that a
+  Spikformer row is reused when a study changes only I-SPS or halting settings."""
+  return config_differences(used_settings(recorded), used_settings(current))
+
+
 def same_config(recorded: Any, current: Any) -> bool:
-  """Whether a run recorded with config `recorded` is one of `current` (`config_differences`)."""
-  return not config_differences(recorded, current)
+  """Whether a run recorded with config `recorded` is one of `current` (`run_differences`)."""
+  return not run_differences(recorded, current)
 
 
 def finished_report(run_dir: str, config: ml_collections.ConfigDict) -> Optional[Dict[str, Any]]:
@@ -183,7 +200,7 @@ def run_row(row: Row, config: ml_collections.ConfigDict, run_dir: str,
   if report is None:
     recorded = _read_json(os.path.join(run_dir, 'config.json'))
     if recorded is not None:
-      diff = config_differences(recorded, evaluate.config_json(config))
+      diff = run_differences(recorded, evaluate.config_json(config))
       if diff:
         raise StaleRunError(
             f'{run_dir} holds a run of another config ({"; ".join(diff[:4])}'

@@ -169,10 +169,20 @@ def test_seeds_run_every_row_per_seed_and_report_mean_and_std(tmp_path, compilat
   assert 'seeds 0, 1' in md and '±' in md
 
 
-def test_sps_rows_record_the_default_isps_group():
-  base = ablation_demo.get_config()
-  base.model.isps.tail = 'any_spike'
-  rows = {r.name: r for r in ablate.study_rows(base, ablate.default_study())}
-  assert ablate.row_config(base, rows['sps-none']).model.isps.tail == 'single_step'
-  assert ablate.row_config(base, rows['isps-none']).model.isps.tail == 'any_spike'
-  assert ablate.row_config(base, rows['sps-none'], seed=7).seed == 7
+def test_runs_are_compared_on_the_settings_their_model_uses():
+  base = evaluate.config_json(ablation_demo.get_config())
+  changed = evaluate.config_json(ablation_demo.get_config())
+  changed['model']['isps']['tail'] = 'any_spike'
+  changed['model']['halt']['alpha_d'] = 0.0
+  for pe, mode, same in (('sps', 'none', True), ('isps', 'none', False),
+                         ('sps', 'temporal', False)):
+    for c in (base, changed):
+      c['model']['patch_embed'], c['model']['halt']['mode'] = pe, mode
+    assert ablate.same_config(base, changed) == same, (pe, mode)
+  changed['model']['halt']['learnable'] = True   # makes parameters even without halting
+  base['model']['patch_embed'] = changed['model']['patch_embed'] = 'sps'
+  base['model']['halt']['mode'] = changed['model']['halt']['mode'] = 'none'
+  assert ablate.run_differences(base, changed) == ['model.halt.learnable: False -> True']
+  rows = {r.name: r for r in ablate.study_rows(ablation_demo.get_config(),
+                                               ablate.default_study())}
+  assert ablate.row_config(ablation_demo.get_config(), rows['sps-none'], seed=7).seed == 7
