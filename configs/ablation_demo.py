@@ -9,9 +9,10 @@ for 2 epochs of batch 32 (250 steps; the demo's 1-epoch warm-up, then cosine dec
 same seed and augmentation, then evaluates on the 1,000 test digits; only model.patch_embed,
 model.halt.mode and model.timesteps differ.
 
-Measured (2 shared CPU cores, 28 minutes for the 11 runs): Spikformer (sps-none) 96.0% at
-0.0079 mJ per image; I-SPS + spatiotemporal halting 93.0% at 0.0036 mJ (55% less energy,
-token ratio 0.78, 3.1 timesteps per token). The table is in README.md, section "Studies".
+Expected: the ordering of the demo seed study in README "Studies" (configs/study_demo.py,
+14 epochs) at a seventh of its budget, with lower accuracies: I-SPS rows well below SPS, and
+halting rows below their halting-free ones in energy. Its figures of 2026-11-28 were made before
+energy.py counted integrated inputs as spikes and are withdrawn; it has not been rerun since.
 """
 from configs import demo
 

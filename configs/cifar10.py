@@ -9,8 +9,10 @@ Recipe: Spikformer's CIFAR recipe (spec section 8): 300 epochs, global batch 128
 weight decay 0.06, cosine to 1e-5 after 20 warm-up epochs, label smoothing 0.1, mixup 0.5 until
 epoch 200, random crop (pad 4) + flip. Spikformer's RandAugment and random erasing are not
 implemented. Expected: about the Spikformer-4-384 baseline's 95.19% top-1
-(configs/cifar10_spikformer.py) with fewer active tokens and less energy per image (the STAS paper
-reports 45.9% less energy on CIFAR-10). Not yet run: no CIFAR data on the development machine.
+(configs/cifar10_spikformer.py) with fewer active tokens and less energy per image (the STAS
+paper reports 45.9% less energy on CIFAR-10). On the offline demo data our STAS trails its
+Spikformer by 2.4 points for 56% less energy (README "Studies"), so expect a gap. Not yet run:
+no CIFAR data on the development machine.
 """
 from configs import default
 
