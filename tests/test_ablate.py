@@ -173,7 +173,7 @@ def test_runs_are_compared_on_the_settings_their_model_uses():
   base = evaluate.config_json(ablation_demo.get_config())
   changed = evaluate.config_json(ablation_demo.get_config())
   changed['model']['isps']['tail'] = 'any_spike'
-  changed['model']['halt']['alpha_d'] = 0.0
+  changed['model']['halt']['alpha_d'] = 0.5
   for pe, mode, same in (('sps', 'none', True), ('isps', 'none', False),
                          ('sps', 'temporal', False)):
     for c in (base, changed):
