@@ -66,7 +66,7 @@ def model_flops(spec) -> dict:
   """
   t, n, d, hid = spec.timesteps, spec.num_tokens, spec.dim, spec.hidden_dim
   c = spec.sps_channels
-  runs = 1 if (spec.patch_embed == 'isps' and spec.isps.integrate_at == 'first_lif') else t
+  runs = 1 if spec.isps_once else t
   size, c_in, sps = spec.image_size, spec.in_channels, 0
   for stage, c_out in enumerate(c):
     sps += (1 if stage == 0 else runs) * conv_flops(size, size, c_in, c_out)

@@ -229,7 +229,7 @@ class SPS(nn.Module):
     """
     s = self.spec
     batch = current.shape[0] // steps
-    if steps > 1 or s.isps.tail == 'single_step' or s.timesteps == 1:
+    if steps > 1 or s.isps.tail == 'single_step':
       out = multistep_lif(current, steps, s.lif())
       return out, _image_sums(out, batch), 1
     spikes = neurons.lif_constant_input(current, s.timesteps, s.lif())
