@@ -47,7 +47,9 @@ def main(argv):
   config = _CONFIG.value
   # Imported here so that flag errors come out before the slow JAX / TF imports.
   from stas_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from stas_jax import distributed  # pylint: disable=g-import-not-at-top
   from stas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from stas_jax import preemption  # pylint: disable=g-import-not-at-top
   from stas_jax import train_lib  # pylint: disable=g-import-not-at-top
 
   workdir = _WORKDIR.value
@@ -55,7 +57,7 @@ def main(argv):
     stem = os.path.splitext(os.path.basename(config_flags.get_config_filename(
         flags.FLAGS['config'])))[0]
     workdir = os.path.join('runs', stem)
-  train_lib.maybe_initialize_distributed(config, train_lib.DistributedOptions(
+  distributed.maybe_initialize_distributed(config, distributed.DistributedOptions(
       coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value, heartbeat_timeout_s=_HEARTBEAT.value,
       shutdown_timeout_s=_SHUTDOWN.value, initialization_timeout_s=_INIT_TIMEOUT.value))
@@ -69,7 +71,7 @@ def main(argv):
     sys.exit(f'\nERROR: {e}')
   except checkpoint.CheckpointError as e:
     sys.exit(f'\nERROR: {e}')
-  except train_lib.TrainingInterrupted as e:
+  except preemption.TrainingInterrupted as e:
     logging.warning('%s', e)
     sys.exit(128 + e.signum)
 

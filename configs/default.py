@@ -113,7 +113,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
-
-  config.debug = ml_collections.ConfigDict()
-  config.debug.nan_at_step = -1     # tests: poison the inputs of this (1-based) step with NaN
   return config

@@ -1,25 +1,79 @@
 """Saving and restoring training state with orbax: one `Checkpointer` per run directory.
 
-Each step holds the unreplicated train state (`StandardSave`) beside a JSON `meta` dict.
+Each step holds the unreplicated train state (`StandardSave`), a JSON `meta` dict and, when a
+grain iterator is given, its position (`data`: grain's own orbax handler, one
+`process_<i>-of-<n>.json` per process). Steps written before the `data` item existed keep every
+process's position in `meta['data_iterator_states']`, and still restore.
 With several processes, every process calls every method together, on one directory that all
 of them see; arrays must be global (`train_lib`'s strategies give them so).
 """
+import asyncio
+import contextlib
 import json
 import os
+import re
 import time
 from typing import Any, Optional
 
 from absl import logging
+import grain.python as grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 # Some error texts embed whole tensorstore specs; a log line only needs their start.
 _MAX_ERROR_CHARS = 400
+_DATA = 'data'  # the item that holds the data-iterator position
+_DATA_FILE = re.compile(r'process_\d+-of-(\d+)\.json')  # one process's file (grain)
+_LEGACY_DATA_KEY = 'data_iterator_states'  # meta key of steps written without a `data` item
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint directory is unusable or no saved step could be restored."""
+
+
+class ProcessCountError(CheckpointError):
+  """The data-iterator positions of a step were written by another number of processes."""
+
+
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+  """An event loop that ends its leftover tasks before it closes, as `asyncio.run` does.
+
+  orbax 0.12.8 runs each restore in a fresh loop and closes it as soon as the restore returns
+  (`asyncio_utils._run_sync_via_new_loop`). When one array of a broken step fails, the reads of
+  the others are still in flight: closing under them prints "RuntimeError: Event loop is
+  closed" tracebacks from tensorstore's threads, and their coroutines, collected later, print
+  "Exception ignored in ... Encountered error while reading array index" (orbax turns the
+  GeneratorExit into an Exception). Cancelled and awaited here, they end quietly.
+  """
+
+  def close(self) -> None:
+    if not self.is_running() and not self.is_closed():
+      pending = [task for task in asyncio.all_tasks(self) if not task.done()]
+      for task in pending:
+        task.cancel()
+      if pending:
+        self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+      self.run_until_complete(self.shutdown_default_executor())
+    super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+  """The default policy, but its new loops are `_DrainingEventLoop`s."""
+
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _DrainingEventLoop()
+
+
+@contextlib.contextmanager
+def _draining_event_loops():
+  """Within the block, new event loops (orbax's) end their leftover tasks when closed."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_DrainingPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
 
 
 def _short(error: BaseException) -> str:
@@ -116,8 +170,9 @@ class Checkpointer:
     return os.path.join(self.directory, str(step))
 
   def save(self, step: int, state: Any, meta: dict[str, Any], *,
-           force: bool = False) -> bool:
-    """Saves `state` and `meta` as `step` (in the background if async).
+           data_iterator: Any = None, force: bool = False) -> bool:
+    """Saves `state`, `meta` and the position of `data_iterator` as `step` (in the background
+    if async; the iterator's position is taken before this returns).
 
     Orbax skips (returns False for) a step that is not newer than the latest saved one;
     errors from a background save surface at the next save, wait or close.
@@ -125,7 +180,8 @@ class Checkpointer:
     Args:
       step: training step; names the checkpoint.
       state: unreplicated pytree of arrays (e.g. a flax TrainState).
-      meta: JSON-serialisable dict (config, data-iterator state, metrics, ...).
+      meta: JSON-serialisable dict (config, metrics, ...).
+      data_iterator: a grain `DataLoader` iterator; each process saves its own position.
       force: save even if orbax's save policy would skip this step; saving a step
         that already exists still raises.
 
@@ -137,23 +193,26 @@ class Checkpointer:
     """
     json.dumps(meta)  # Fail here, not later in the background thread.
     self._set_aside_unreadable()
-    return self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=force)
+    items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
+    if data_iterator is not None:
+      items[_DATA] = grain.PyGrainCheckpointSave(data_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore(self, step: int, target_state: Any) -> tuple[Any, dict[str, Any]]:
+  def restore(self, step: int, target_state: Any, *,
+              data_iterator: Any = None) -> tuple[Any, dict[str, Any]]:
     """Restores one step into the structure, dtypes and shardings of `target_state`.
 
     Args:
       step: a step from `all_steps()`.
       target_state: pytree like the saved state: concrete arrays or ShapeDtypeStructs.
+      data_iterator: a fresh grain iterator of the same pipeline, moved to the saved position
+        (from the `data` item, or from `meta['data_iterator_states']` in older steps).
 
     Returns:
       `(state, meta)`: state has `target_state`'s structure with jax array leaves.
 
     Raises:
+      ProcessCountError: the step's iterator positions are for another number of processes.
       CheckpointError: if the step does not exist or cannot be read.
     """
     self.wait_until_finished()
@@ -161,58 +220,90 @@ class Checkpointer:
       raise CheckpointError(
           f'No checkpoint for step {step} in {self.directory}; '
           f'saved steps: {self.all_steps()}.')
+    items = {'state': ocp.args.StandardRestore(abstract_target(target_state)),
+             'meta': ocp.args.JsonRestore()}
+    data_dir = os.path.join(self.step_dir(step), _DATA)
+    with_data = data_iterator is not None and os.path.isdir(data_dir)
+    if with_data:
+      written_by = {int(m.group(1)) for m in map(_DATA_FILE.fullmatch, os.listdir(data_dir))
+                    if m}
+      if len(written_by) == 1:
+        self._check_process_count(step, written_by.pop())
+      items[_DATA] = grain.PyGrainCheckpointRestore(data_iterator)
     try:
-      restored = self._manager.restore(
-          step,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_target(target_state)),
-              meta=ocp.args.JsonRestore()))
-    except Exception as e:  # Orbax and tensorstore raise many types for bad files.
+      with _draining_event_loops():
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+      if data_iterator is not None and not with_data:
+        self._set_legacy_position(step, restored.meta, data_iterator)
+    except CheckpointError:
+      raise
+    except Exception as e:  # Orbax, tensorstore and grain raise many types for bad files.
       raise CheckpointError(
           f'Cannot restore {self.step_dir(step)}: {_short(e)}') from e
     return restored.state, restored.meta
 
-  def restore_latest(self, target_state: Any) -> Optional[tuple[Any, dict[str, Any], int]]:
+  def _check_process_count(self, step: int, written_by: int) -> None:
+    if written_by != jax.process_count():
+      raise ProcessCountError(
+          f'The checkpoint of step {step} in {self.directory} was written by '
+          f'{written_by} process(es), each with its own data-iterator position; '
+          f'resume it with {written_by} (--num_processes), not '
+          f'{jax.process_count()}, or point --workdir elsewhere to start afresh.')
+
+  def _set_legacy_position(self, step: int, meta: dict[str, Any], data_iterator: Any) -> None:
+    """Moves `data_iterator` to this process's entry of a step saved without a `data` item."""
+    states = meta.get(_LEGACY_DATA_KEY)
+    if not isinstance(states, list):
+      raise CheckpointError(
+          f'{self.step_dir(step)} holds no data-iterator position (neither a {_DATA!r} item '
+          f'nor meta[{_LEGACY_DATA_KEY!r}]).')
+    self._check_process_count(step, len(states))
+    data_iterator.set_state(states[jax.process_index()].encode())
+
+  def restore_latest(self, target_state: Any, *, data_iterator: Any = None
+                     ) -> Optional[tuple[Any, dict[str, Any], int]]:
     """Restores the newest step that can be read, falling back to older ones.
 
-    Unreadable steps are logged and left on disk; the next `save` renames them to
-    `<step>.unreadable-<time>` so they neither block new saves nor get deleted. With several
-    processes, a step counts as readable only if every process could restore it, so that all
-    of them resume from the same one.
+    Each unreadable step gets one warning and stays on disk; the next `save` renames it to
+    `<step>.unreadable-<time>` so that it neither blocks new saves nor gets deleted. With
+    several processes, a step counts as readable only if every process could restore it, so
+    that all of them resume from the same one.
 
     Args:
       target_state: pytree like the saved state: concrete arrays or ShapeDtypeStructs.
+      data_iterator: as in `restore`; left at the restored step's position.
 
     Returns:
       `(state, meta, step)`, or None when the directory holds no checkpoint.
 
     Raises:
+      ProcessCountError: the newest readable step is for another number of processes.
       CheckpointError: if checkpoints exist but none can be restored.
     """
     self.wait_until_finished()
     steps = self.all_steps()
     if not steps:
       return None
-    failures, unreadable = [], []
+    failures = []
     for step in reversed(steps):
       error = None
       try:
-        state, meta = self.restore(step, target_state)
+        state, meta = self.restore(step, target_state, data_iterator=data_iterator)
+      except ProcessCountError:
+        raise
       except CheckpointError as e:
         error = str(e)
       everywhere = _on_every_process(error is None)  # every process calls it, every step
       if error is None and not everywhere:
         error = f'{self.step_dir(step)} could not be restored on another process'
-      if error is not None:
-        logging.warning('Skipping unreadable checkpoint (will try an older step): %s', error)
-        failures.append(error)
-        unreadable.append(step)
-        continue
-      if failures:
-        logging.warning('Restored step %d from %s after skipping %d newer unreadable '
-                        'checkpoint(s).', step, self.step_dir(step), len(failures))
-      self._unreadable = unreadable
-      return state, meta, step
+      if error is None:
+        if failures:
+          logging.info('Restored step %d after skipping %d newer unreadable checkpoint(s).',
+                       step, len(failures))
+        self._unreadable = [s for s in steps if s > step]
+        return state, meta, step
+      logging.warning('Skipping unreadable checkpoint (will try an older step): %s', error)
+      failures.append(error)
     tried = '\n  '.join(failures)
     raise CheckpointError(
         f'None of the {len(steps)} checkpoints in {self.directory} could be restored:\n'
@@ -220,6 +311,13 @@ class Checkpointer:
         'If every step fails the same way, the target state probably does not match the '
         'saved one (changed config or model). Otherwise move the broken step '
         'directories aside, or point --workdir elsewhere to start afresh.')
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether to save and stop after `step` because a process got SIGTERM (orbax's
+    `CheckpointManager.reached_preemption`, JAX's preemption sync point): True on every
+    process at the same step. False without `jax.distributed`; every process must call it
+    after every step."""
+    return self._manager.reached_preemption(step)
 
   def _set_aside_unreadable(self) -> None:
     """Renames steps restore_latest skipped: orbax never saves a step <= its latest.
@@ -236,8 +334,8 @@ class Checkpointer:
         if os.path.isdir(source):
           dest = f'{source}.unreadable-{stamp}'
           os.rename(source, dest)
-          logging.warning('Renamed unreadable checkpoint %s to %s; delete it when no '
-                          'longer needed.', source, dest)
+          logging.info('Renamed unreadable checkpoint %s to %s; delete it when no '
+                       'longer needed.', source, dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices('checkpoint: unreadable steps renamed')

@@ -24,53 +24,28 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from stas_jax import augment
 from stas_jax import early_exit
 from stas_jax import energy
+from stas_jax import evaluation
 from stas_jax import halting
 from stas_jax import input_pipeline
+from stas_jax import optim
 from stas_jax import plots
+from stas_jax import run_files
+from stas_jax import steps
 from stas_jax import timing
-from stas_jax import train_lib
 
 EVAL_JSON, EVAL_MD, PLOTS_DIR = 'eval.json', 'eval.md', 'plots'
 NUM_PLOT_IMAGES = 4
 
 
-def config_json(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-  """The config as plain JSON data, as train_lib writes it to RUN/config.json."""
-  return json.loads(config.to_json_best_effort())
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (RUN/config.json)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: is {workdir} a training work directory? '
-                            'Pass --config to evaluate with an explicit config.')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def _eval_inputs(config, data: input_pipeline.DataBundle, batch):
-  images, targets = augment.augment_batch(None, batch, config, epoch=0, mean=data.mean,
-                                          std=data.std, num_classes=data.num_classes,
-                                          train=False)
-  return images, targets
-
-
-def _forward_kwargs(config) -> Dict[str, Any]:
-  # Evaluation always uses the hard halting mask, also for models trained with a soft one.
-  return {'halt_temperature': 0.0} if config.model.halt.soft_mask else {}
-
-
-def _batch_sums(variables, batch, *, model, config, data):
-  """Masked sums over one eval batch of everything the report needs; see `evaluate_run`."""
-  spec = model.spec
-  images, targets = _eval_inputs(config, data, batch)
-  logits, aux = model.apply(variables, images, capture=True, **_forward_kwargs(config))
-  sums = train_lib.masked_eval_sums(logits, targets, batch['label'], batch['mask'], aux, spec,
-                                    rates_prefix='firing_rates/')
+def _batch_sums(variables, batch, *, model, ctx):
+  """`evaluation.masked_sums` of one eval batch plus what only the report needs: the active
+  tokens per (t, l) cell and the temporal-similarity sums; also the batch's active mask and
+  predictions (for the halting heat map)."""
+  images, targets = evaluation.model_inputs(batch, ctx)
+  logits, aux = evaluation.forward(model.apply, variables, images, ctx.config, capture=True)
+  sums = evaluation.masked_sums(logits, targets, batch, aux, model.spec)
   mask = batch['mask'].astype(jnp.float32)
   active = aux['active'] * mask[None, None, :, None]                  # (T, L, B, N)
   sums['cell_active'] = jnp.sum(active, axis=(2, 3))                   # (T, L)
@@ -84,6 +59,10 @@ def _batch_sums(variables, batch, *, model, config, data):
   return sums, aux['active'], jnp.argmax(logits, -1)
 
 
+REPORT_ONLY = ('cell_active', 'similarity_active', 'similarity_active_weight',
+               'similarity_all', 'similarity_all_weight')
+
+
 def _time_forward(fns, variables, batches, repeats: int = 3) -> Tuple[list, list]:
   """Median wall time of each fn over the batches (after a warm-up call), and its outputs."""
   for fn in fns:
@@ -93,17 +72,17 @@ def _time_forward(fns, variables, batches, repeats: int = 3) -> Tuple[list, list
   return [float(np.median(t)) for t in times], outs
 
 
-def _early_exit_report(model, variables, config, data, batches) -> Dict[str, Any]:
+def _early_exit_report(model, variables, ctx, batches) -> Dict[str, Any]:
   """Early-exit vs dense forward: agreement of predictions and wall time (compile excluded)."""
-  kwargs = _forward_kwargs(config)
 
   @jax.jit
   def dense(v, batch):
-    return model.apply(v, _eval_inputs(config, data, batch)[0], **kwargs)[0]
+    images = evaluation.model_inputs(batch, ctx)[0]
+    return evaluation.forward(model.apply, v, images, ctx.config)[0]
 
   @jax.jit
   def fast(v, batch):
-    logits, aux = early_exit.apply(model, v, _eval_inputs(config, data, batch)[0])
+    logits, aux = early_exit.apply(model, v, evaluation.model_inputs(batch, ctx)[0])
     return logits, aux['timesteps_run']
 
   (dense_s, fast_s), (dense_out, fast_out) = _time_forward((dense, fast), variables, batches)
@@ -147,47 +126,41 @@ def evaluate_run(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
     'early_exit' / 'plots' when asked for.
   """
   start = time.monotonic()
-  config = load_config(workdir) if config is None else config
+  config = run_files.load_config(workdir) if config is None else config
   if data is None:
     data = input_pipeline.create_datasets(config, process_index=0, process_count=1)
   if max_batches is None:
     max_batches = config.get('steps_per_eval', -1)
-  model, variables, step = train_lib.restore_for_eval(config, workdir)
-  spec = model.spec
-  run_batch = jax.jit(functools.partial(_batch_sums, model=model, config=config, data=data))
+  model, variables, step = evaluation.restore(config, workdir)
+  ctx = steps.StepContext(config=config, mean=data.mean, std=data.std,
+                          num_classes=data.num_classes)
+  run_batch = jax.jit(functools.partial(_batch_sums, model=model, ctx=ctx))
   totals, batches, first = None, [], None
-  for i, batch in enumerate(data.make_eval_iter()):
-    if 0 <= max_batches <= i:
-      break
+  for batch in evaluation.eval_batches(data.make_eval_iter(), max_batches):
     sums, active, preds = run_batch(variables, batch)
     if first is None:
       first = (batch, active, preds)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = evaluation.add(totals, sums)
     if with_early_exit:
       batches.append(batch)
   if totals is None:
     raise ValueError('no evaluation batch (max_batches=0?)')
-  totals = jax.tree.map(np.asarray, jax.device_get(totals))
-  count = max(float(totals.pop('count')), 1.0)
-  total_steps = train_lib.total_train_steps(config, data.steps_per_epoch)
+  detail = {k: np.asarray(totals.pop(k)) for k in REPORT_ONLY}
   report: Dict[str, Any] = {'workdir': os.path.abspath(workdir), 'step': int(step),
-                            'total_steps': total_steps, 'count': count}
-  for key in ('top1', 'top5', 'loss', 'token_ratio', 'timesteps', 'energy_mj'):
-    report[key] = float(totals.pop(key)) / count
-  for group in ('energy_split_mj', 'sops', 'firing_rates'):
-    prefix = group + '/'
-    report[group] = {k[len(prefix):]: float(totals[k]) / count
-                     for k in sorted(totals) if k.startswith(prefix)}
-  report['token_ratio_per_cell'] = (totals['cell_active'] / (count * spec.num_tokens)).tolist()
+                            'total_steps': optim.total_train_steps(config, data.steps_per_epoch)}
+  report.update(evaluation.grouped(evaluation.means(totals)))
+  count = report['count']
+  report['token_ratio_per_cell'] = (detail['cell_active'] / (count * model.spec.num_tokens)
+                                    ).tolist()
   for name, key in (('similarity_active', 'temporal_similarity'),
                     ('similarity_all', 'temporal_similarity_all_tokens')):
-    w = totals[name + '_weight']
-    report[key] = np.where(w > 0, totals[name] / np.maximum(w, 1e-12), np.nan).tolist()
+    w = detail[name + '_weight']
+    report[key] = np.where(w > 0, detail[name] / np.maximum(w, 1e-12), np.nan).tolist()
   if with_early_exit:
-    report['early_exit'] = _early_exit_report(model, variables, config, data, batches)
+    report['early_exit'] = _early_exit_report(model, variables, ctx, batches)
   if with_plots:
-    report['plots'] = write_plots(workdir, report, spec.halt.mode, first, num_plot_images)
-  report['config'] = config_json(config)
+    report['plots'] = write_plots(workdir, report, model.spec.halt.mode, first, num_plot_images)
+  report['config'] = run_files.config_json(config)
   report['eval_wall_time_s'] = time.monotonic() - start
   with open(os.path.join(workdir, EVAL_JSON), 'w') as f:
     json.dump(report, f, indent=1, allow_nan=True)

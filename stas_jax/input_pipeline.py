@@ -52,7 +52,7 @@ class DataBundle:
     train_iter: endless grain iterator of {'image': (b, H0, W0, C) uint8, 'label': (b,) int32},
       b = config.batch_size // process_count. H0 x W0 is `image_shape`, except for ImageNet with
       random_resized_crop, where the device crops a larger square down to `image_shape`.
-      Checkpoint it with `get_iterator_state` / `set_iterator_state`.
+      Checkpoint it with `checkpoint.Checkpointer.save(..., data_iterator=...)`.
     make_eval_iter: returns a fresh iterator of exactly `num_eval_batches` batches
       {'image': uint8, 'label': int32, 'mask': float32 (1 real, 0 padding)}, each of
       config.eval_batch_size // process_count examples; across processes every example of
@@ -79,12 +79,15 @@ class DataBundle:
 
 
 def get_iterator_state(it: Any) -> str:
-  """The train iterator's position as a JSON string (fits a JSON checkpoint item)."""
+  """The train iterator's position as JSON text: what grain's orbax handler writes to a
+  checkpoint's `data` item (`checkpoint.Checkpointer.save(..., data_iterator=it)`), one file
+  per process, and what older checkpoints keep in meta['data_iterator_states']."""
   return it.get_state().decode()
 
 
 def set_iterator_state(it: Any, state: str | bytes) -> None:
-  """Moves a fresh train iterator to a position saved by `get_iterator_state`."""
+  """Moves a fresh train iterator to a position from `get_iterator_state` (resuming goes
+  through `checkpoint.Checkpointer.restore_latest(..., data_iterator=it)` instead)."""
   it.set_state(state.encode() if isinstance(state, str) else state)
 
 

@@ -13,6 +13,8 @@ from configs import smoke
 from conftest import persistent_compilation_cache
 from stas_jax import ablate
 from stas_jax import evaluate
+from stas_jax import run_files
+from stas_jax import study_report
 from stas_jax import train_lib
 
 
@@ -52,7 +54,7 @@ def test_default_rows_are_the_grid_and_the_t_sweep():
   config = ablate.row_config(base, rows[1])
   assert (config.model.patch_embed, config.model.halt.mode) == ('sps', 'spatial')
   # Rows differ from the base config only in the three study keys.
-  flat = lambda c: {k: v for k, v in evaluate.config_json(c).items() if k != 'model'}
+  flat = lambda c: {k: v for k, v in run_files.config_json(c).items() if k != 'model'}
   assert flat(config) == flat(base)
   with pytest.raises(ValueError, match='unknown study rows'):
     study = ablate.default_study()
@@ -81,13 +83,13 @@ def test_tiny_study_writes_table_and_figures(first_study):
   assert [l['row'] for l in lines] == ['sps-none', 'isps-spatiotemporal-T2']
   assert sorted(d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))) == [
       'isps-spatiotemporal', 'sps-none']
-  with open(os.path.join(out, ablate.CSV)) as f:
+  with open(os.path.join(out, study_report.CSV)) as f:
     rows = list(csv.DictReader(f))
   assert [r['row'] for r in rows] == [l['row'] for l in lines]
   assert float(rows[0]['energy_saving_pct']) == 0.0
-  for name in (ablate.MD, ablate.ACCURACY_ENERGY_PNG, ablate.SIMILARITY_PNG):
+  for name in (study_report.MD, study_report.ACCURACY_ENERGY_PNG, study_report.SIMILARITY_PNG):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
-  with open(os.path.join(out, ablate.MD)) as f:
+  with open(os.path.join(out, study_report.MD)) as f:
     md = f.read()
   assert '`sps-none`' in md and 'saving (%)' in md and 'Timestep sweep' in md
   assert all(line['timesteps'] == 2 for line in lines)
@@ -147,7 +149,7 @@ def test_seeds_run_every_row_per_seed_and_report_mean_and_std(tmp_path, compilat
   out = str(tmp_path / 'seeds')
   lines = ablate.run_study(_base(), out, study)
   assert sorted(os.listdir(os.path.join(out, 'sps-none'))) == ['seed0', 'seed1']
-  with open(os.path.join(out, ablate.RUNS_CSV)) as f:
+  with open(os.path.join(out, study_report.RUNS_CSV)) as f:
     runs = list(csv.DictReader(f))
   assert [(r['row'], int(r['seed'])) for r in runs] == [('sps-none', 0), ('sps-none', 1)]
   reports = []
@@ -164,14 +166,14 @@ def test_seeds_run_every_row_per_seed_and_report_mean_and_std(tmp_path, compilat
   assert line['energy_mj'] == pytest.approx(sum(energy_mj) / 2)
   assert line['energy_mj_std'] == pytest.approx(abs(energy_mj[0] - energy_mj[1]) / 2 ** 0.5)
   assert energy_mj[0] != energy_mj[1]  # two seeds really are two different runs
-  with open(os.path.join(out, ablate.MD)) as f:
+  with open(os.path.join(out, study_report.MD)) as f:
     md = f.read()
   assert 'seeds 0, 1' in md and '±' in md
 
 
 def test_runs_are_compared_on_the_settings_their_model_uses():
-  base = evaluate.config_json(ablation_demo.get_config())
-  changed = evaluate.config_json(ablation_demo.get_config())
+  base = run_files.config_json(ablation_demo.get_config())
+  changed = run_files.config_json(ablation_demo.get_config())
   changed['model']['isps']['tail'] = 'any_spike'
   changed['model']['halt']['alpha_d'] = 0.5
   for pe, mode, same in (('sps', 'none', True), ('isps', 'none', False),

@@ -16,7 +16,9 @@ from configs import cifar10
 from configs import cifar10_spikformer
 from stas_jax import early_exit
 from stas_jax import model as model_lib
-from stas_jax import train_lib
+from stas_jax import optim
+from stas_jax import parallel
+from stas_jax import steps
 
 MODELS = {'stas': cifar10.get_config, 'spikformer': cifar10_spikformer.get_config}
 DTYPES = ('float32', 'bfloat16')
@@ -33,31 +35,31 @@ COLLECTIVES = ('all_reduce', 'all_gather', 'all_to_all', 'reduce_scatter',
                'collective_permute', 'collective_broadcast')
 
 
-def _config(model, dtype, parallel, cross_replica=False):
+def _config(model, dtype, layout, cross_replica=False):
   config = MODELS[model]()
   config.model.dtype = dtype
   config.model.bn_cross_replica = cross_replica
-  config.parallel = parallel
+  config.parallel = layout
   config.batch_size = config.eval_batch_size = PER_DEVICE * len(DEVICES)
   return config
 
 
 @functools.cache
-def _setup(model, dtype, parallel, cross_replica=False):
+def _setup(model, dtype, layout, cross_replica=False):
   """(strategy over DEVICES, abstract unreplicated train state)."""
-  config = _config(model, dtype, parallel, cross_replica)
-  schedule = train_lib.learning_rate_schedule(config, 100, 1000)
-  ctx = train_lib.StepContext(config=config, mean=np.zeros(3, np.float32),
-                              std=np.full(3, 64.0, np.float32), num_classes=10,
-                              schedule=schedule)
-  strategy = train_lib.create_strategy(ctx, DEVICES)
-  net = model_lib.create_model(config.model, bn_axis_name=train_lib.bn_axis_name(config))
-  tx = train_lib.create_optimizer(config, schedule)
-  state = jax.eval_shape(lambda: train_lib.create_train_state(net, jax.random.key(0), tx))
+  config = _config(model, dtype, layout, cross_replica)
+  schedule = optim.learning_rate_schedule(config, 100, 1000)
+  ctx = steps.StepContext(config=config, mean=np.zeros(3, np.float32),
+                          std=np.full(3, 64.0, np.float32), num_classes=10,
+                          schedule=schedule)
+  strategy = parallel.create_strategy(ctx, DEVICES)
+  net = model_lib.create_model(config.model, bn_axis_name=parallel.bn_axis_name(config))
+  tx = optim.create_optimizer(config, schedule)
+  state = jax.eval_shape(lambda: steps.create_train_state(net, jax.random.key(0), tx))
   return strategy, state
 
 
-def _abstract(strategy, state, parallel, train=True):
+def _abstract(strategy, state, layout, train=True):
   """ShapeDtypeStructs of the step's arguments, laid out as the strategy lays them out."""
   n = len(DEVICES)
   batch = {'image': ((n * PER_DEVICE, 32, 32, 3), jnp.uint8),
@@ -65,7 +67,7 @@ def _abstract(strategy, state, parallel, train=True):
   if not train:
     batch['mask'] = ((n * PER_DEVICE,), jnp.float32)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  if parallel == 'pmap':  # (devices, per device, ...) host arrays, as put_batch makes them
+  if layout == 'pmap':  # (devices, per device, ...) host arrays, as put_batch makes them
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
     state = jax.tree.map(lambda x: sds((n,) + x.shape, x.dtype), state)
     batch = {k: sds((n, PER_DEVICE) + shape[1:], dtype) for k, (shape, dtype) in batch.items()}
@@ -80,14 +82,14 @@ def _abstract(strategy, state, parallel, train=True):
 
 
 @functools.cache
-def _export(model, dtype, parallel, platform, step='train', cross_replica=False):
+def _export(model, dtype, layout, platform, step='train', cross_replica=False):
   """The strategy's own jitted or pmapped step, exported for `platform`."""
-  strategy, state = _setup(model, dtype, parallel, cross_replica)
+  strategy, state = _setup(model, dtype, layout, cross_replica)
   # pylint: disable-next=protected-access
   step_fn = strategy._train if step == 'train' else strategy._eval
   # export takes a jit; under one, the pmap lowers to the shard_map program that it runs.
-  fn = jax.jit(lambda *args: step_fn(*args)) if parallel == 'pmap' else step_fn
-  return export.export(fn, platforms=[platform])(*_abstract(strategy, state, parallel,
+  fn = jax.jit(lambda *args: step_fn(*args)) if layout == 'pmap' else step_fn
+  return export.export(fn, platforms=[platform])(*_abstract(strategy, state, layout,
                                                            step == 'train'))
 
 
@@ -136,17 +138,17 @@ def _replicated(spec):
   return '"' not in spec  # no mesh axis named in any dimension
 
 
-@pytest.mark.parametrize('parallel', train_lib.PARALLEL_MODES)
+@pytest.mark.parametrize('layout', parallel.PARALLEL_MODES)
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('model', MODELS)
-def test_train_step_lowers_for_gpu_and_tpu(model, dtype, parallel):
-  _, state = _setup(model, dtype, parallel)
+def test_train_step_lowers_for_gpu_and_tpu(model, dtype, layout):
+  _, state = _setup(model, dtype, layout)
   n = len(DEVICES)
-  cpu = _export(model, dtype, parallel, 'cpu').mlir_module()
+  cpu = _export(model, dtype, layout, 'cpu').mlir_module()
   cpu_ops = _ops(cpu)
   assert cpu.count(KERNEL_GRAD_DIMS) == 0  # nine per-tap GEMMs per kernel gradient instead
   for platform in ACCELERATORS:
-    exported = _export(model, dtype, parallel, platform)
+    exported = _export(model, dtype, layout, platform)
     text = exported.mlir_module()
     ops = _ops(text)
     assert exported.platforms == (platform,) and exported.nr_devices == n
@@ -156,7 +158,7 @@ def test_train_step_lowers_for_gpu_and_tpu(model, dtype, parallel):
     assert ops['convolution'] == cpu_ops['convolution'] + SPS_CONVS
     assert ops['dot_general'] == cpu_ops['dot_general'] - 9 * SPS_CONVS
     _assert_precision(text, dtype)
-    if parallel == 'pmap':
+    if layout == 'pmap':
       # One all-reduce per gradient leaf and per metric (the pmeans), each over every device.
       num_metrics = len(exported.out_avals) - len(jax.tree.leaves(state))
       assert ops['all_reduce'] == len(jax.tree.leaves(state.params)) + num_metrics
@@ -175,7 +177,7 @@ def test_train_step_lowers_for_gpu_and_tpu(model, dtype, parallel):
       # The state's buffers are donated: updated in place on the device.
       assert text.count('tf.aliasing_output') == len(jax.tree.leaves(state))
     for op in COLLECTIVES:
-      if op != 'all_reduce' or parallel == 'jit':
+      if op != 'all_reduce' or layout == 'jit':
         assert ops[op] == 0, op
 
 
@@ -199,19 +201,19 @@ def test_cross_replica_batchnorm_averages_statistics_over_every_device():
   assert groups == {f'[[{", ".join(map(str, range(n)))}]]'}
 
 
-@pytest.mark.parametrize('parallel', train_lib.PARALLEL_MODES)
+@pytest.mark.parametrize('layout', parallel.PARALLEL_MODES)
 @pytest.mark.parametrize('dtype', DTYPES)
-def test_eval_step_lowers_for_gpu_and_tpu(dtype, parallel):
+def test_eval_step_lowers_for_gpu_and_tpu(dtype, layout):
   """The training loop's inference step: forward only, the sums added over devices (pmap)."""
   for platform in ACCELERATORS:
-    exported = _export('stas', dtype, parallel, platform, step='eval')
+    exported = _export('stas', dtype, layout, platform, step='eval')
     text = exported.mlir_module()
     ops = _ops(text)
     _assert_runs_on_the_accelerator_alone(exported, text)
     assert ops['convolution'] == SPS_CONVS and text.count(KERNEL_GRAD_DIMS) == 0
     _assert_precision(text, dtype)
     # pmap: one psum per returned sum; jit: the partitioner adds them at compile time.
-    want = len(exported.out_avals) if parallel == 'pmap' else 0
+    want = len(exported.out_avals) if layout == 'pmap' else 0
     assert ops['all_reduce'] == want
     assert all(ops[op] == 0 for op in COLLECTIVES if op != 'all_reduce')
 

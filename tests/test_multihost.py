@@ -24,7 +24,8 @@ from configs import smoke
 from conftest import COLLECTIVE_TIMEOUT_FLAG
 from stas_jax import checkpoint
 from stas_jax import model as model_lib
-from stas_jax import train_lib
+from stas_jax import optim
+from stas_jax import steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
@@ -153,8 +154,8 @@ def _records(workdir):
 def _final_state(workdir):
   config = smoke.get_config()
   model = model_lib.create_model(config.model)
-  tx = train_lib.create_optimizer(config, optax.constant_schedule(1e-3))
-  target = jax.eval_shape(lambda: train_lib.create_train_state(model, jax.random.key(0), tx))
+  tx = optim.create_optimizer(config, optax.constant_schedule(1e-3))
+  target = jax.eval_shape(lambda: steps.create_train_state(model, jax.random.key(0), tx))
   with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False) as ckpt:
     state, meta = ckpt.restore(STEPS, target)
   return jax.device_get(state), meta
@@ -215,9 +216,16 @@ def test_two_processes_train_as_one_process_on_as_many_devices(single_process_ru
       atol = 2 / 1000 if key.startswith('eval/top') else 1e-7
       np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=atol, err_msg=key)
   assert got_records[-1]['eval/count'] == 1000
-  # Each process saved its own data-iterator position.
-  assert len(got_meta['data_iterator_states']) == PROCESSES
-  assert len(want_meta['data_iterator_states']) == 1
+  # Each process saved its own data-iterator position (grain's handler: a file per process).
+  assert _iterator_files(workdir) == [f'process_{i}-of-{PROCESSES}.json'
+                                      for i in range(PROCESSES)]
+  assert _iterator_files(single_process_run) == ['process_0-of-1.json']
+  assert got_meta['step'] == want_meta['step']
+
+
+def _iterator_files(workdir):
+  data = os.path.join(workdir, 'checkpoints', str(STEPS), 'data')
+  return sorted(f for f in os.listdir(data) if f.endswith('.json'))
 
 
 def _latest_step(workdir):

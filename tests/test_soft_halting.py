@@ -19,7 +19,10 @@ from conftest import tiny_model_config
 from stas_jax import halting
 from stas_jax import losses
 from stas_jax import model as model_lib
-from stas_jax import train_lib
+from stas_jax import evaluation
+from stas_jax import optim
+from stas_jax import parallel
+from stas_jax import steps
 from stas_jax.model_config import spec_from_config
 from test_halting import _images, _variables
 
@@ -55,15 +58,15 @@ def _captured(mode):
 def _readout_logits(model, block_outputs, gamma, beta, temperature):
   """The model's halting, readout and head replayed over fixed block outputs."""
   spec = model.spec
-  steps, depth, batch, tokens, dim = block_outputs.shape
+  timesteps, depth, batch, tokens, dim = block_outputs.shape
   dtype = block_outputs.dtype
   hs = halting.init_state(batch, tokens, dim, dtype)
-  for t in range(steps):
+  for t in range(timesteps):
     if spec.halt.mode == 'spatial':
       hs = halting.reset_for_timestep(hs)
     for l in range(depth):
-      hs, _ = halting.cell_update(spec.halt, hs, block_outputs[t, l], t, l, steps, depth, gamma,
-                                  beta, temperature)
+      hs, _ = halting.cell_update(spec.halt, hs, block_outputs[t, l], t, l, timesteps, depth,
+                                  gamma, beta, temperature)
   params = jax.tree.map(lambda a: jnp.asarray(a, dtype), {'params': _params(spec.halt.mode)})
   return model.apply(params, hs.out, method=model_lib.STAS.classify)
 
@@ -128,28 +131,28 @@ def _annealed_config(anneal_steps):
 
 
 def test_temperature_schedule():
-  schedule = train_lib.halt_temperature_schedule(_annealed_config(4), total_steps=100)
+  schedule = optim.halt_temperature_schedule(_annealed_config(4), total_steps=100)
   np.testing.assert_allclose([schedule(s) for s in (0, 1, 2, 4, 50)],
                              [0.3, 0.225, 0.15, 0.0, 0.0], atol=1e-7)
-  whole_run = train_lib.halt_temperature_schedule(_annealed_config(-1), total_steps=10)
+  whole_run = optim.halt_temperature_schedule(_annealed_config(-1), total_steps=10)
   np.testing.assert_allclose([whole_run(s) for s in (0, 5, 10)], [0.3, 0.15, 0.0], atol=1e-7)
-  constant = train_lib.halt_temperature_schedule(_annealed_config(0), total_steps=10)
+  constant = optim.halt_temperature_schedule(_annealed_config(0), total_steps=10)
   assert float(constant(7)) == np.float32(0.3)
   hard = _annealed_config(4)
   hard.model.halt.soft_mask = False
-  assert train_lib.halt_temperature_schedule(hard, total_steps=10) is None
+  assert optim.halt_temperature_schedule(hard, total_steps=10) is None
 
 
 def test_annealed_training_and_hard_mask_evaluation():
   config = _annealed_config(2)
-  lr = train_lib.learning_rate_schedule(config, 100, 100)
-  ctx = train_lib.StepContext(config=config, mean=np.float32([33.]), std=np.float32([78.]),
-                              num_classes=10, schedule=lr,
-                              halt_temperature=train_lib.halt_temperature_schedule(config, 100))
-  strategy = train_lib.create_strategy(ctx, jax.devices()[:1])
+  lr = optim.learning_rate_schedule(config, 100, 100)
+  ctx = steps.StepContext(config=config, mean=np.float32([33.]), std=np.float32([78.]),
+                          num_classes=10, schedule=lr,
+                          halt_temperature=optim.halt_temperature_schedule(config, 100))
+  strategy = parallel.create_strategy(ctx, jax.devices()[:1])
   model = model_lib.create_model(config.model)
-  state = strategy.put_state(train_lib.create_train_state(
-      model, jax.random.key(0), train_lib.create_optimizer(config, lr)))
+  state = strategy.put_state(steps.create_train_state(
+      model, jax.random.key(0), optim.create_optimizer(config, lr)))
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (8, 32, 32, 1), dtype=np.uint8),
            'label': rng.integers(0, 10, (8,), dtype=np.int32)}
@@ -168,10 +171,10 @@ def test_annealed_training_and_hard_mask_evaluation():
   eval_batch = dict(batch, mask=np.ones((8,), np.float32))
   sums = {}
   for name, cfg in (('soft', config), ('hard', hard_config)):
-    eval_ctx = train_lib.StepContext(config=cfg, mean=ctx.mean, std=ctx.std, num_classes=10,
-                                     schedule=lr)
+    eval_ctx = steps.StepContext(config=cfg, mean=ctx.mean, std=ctx.std, num_classes=10,
+                                 schedule=lr)
     cfg_state = host_state.replace(apply_fn=model_lib.create_model(cfg.model).apply)
-    sums[name] = jax.jit(functools.partial(train_lib.eval_step, ctx=eval_ctx))(cfg_state,
-                                                                            eval_batch)
+    sums[name] = jax.jit(functools.partial(evaluation.eval_step, ctx=eval_ctx))(cfg_state,
+                                                                                eval_batch)
   for key, value in sums['hard'].items():
     np.testing.assert_allclose(sums['soft'][key], value, rtol=1e-6, err_msg=key)

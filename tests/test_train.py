@@ -20,6 +20,9 @@ from conftest import persistent_compilation_cache
 from stas_jax import checkpoint
 from stas_jax import input_pipeline
 from stas_jax import model as model_lib
+from stas_jax import optim
+from stas_jax import parallel
+from stas_jax import steps
 from stas_jax import train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,8 +70,8 @@ def _lines(workdir):
 
 def _abstract_state(config):
   model = model_lib.create_model(config.model)
-  tx = train_lib.create_optimizer(config, optax.constant_schedule(1e-3))
-  return jax.eval_shape(lambda: train_lib.create_train_state(model, jax.random.key(0), tx))
+  tx = optim.create_optimizer(config, optax.constant_schedule(1e-3))
+  return jax.eval_shape(lambda: steps.create_train_state(model, jax.random.key(0), tx))
 
 
 def _restore(workdir, step, config):
@@ -90,7 +93,7 @@ def test_weight_decay_mask_selects_kernels_only():
   config = _smoke()
   config.model.halt.learnable = True
   params = _abstract_state(config).params
-  mask = train_lib.weight_decay_mask(params)
+  mask = optim.weight_decay_mask(params)
   for path, decays in jax.tree_util.tree_leaves_with_path(mask):
     name = jax.tree_util.keystr(path)
     assert decays == name.endswith("['kernel']"), name
@@ -100,7 +103,7 @@ def test_learning_rate_warms_up_then_decays_to_minimum():
   config = _smoke()
   config.optim.update(learning_rate=1e-3, warmup_init_learning_rate=1e-5, min_learning_rate=1e-5,
                       warmup_epochs=2)
-  schedule = train_lib.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
   lrs = np.array([schedule(s) for s in range(101)])
   np.testing.assert_allclose(lrs[[0, 20, 100]], [1e-5, 1e-3, 1e-5], rtol=1e-5)
   assert np.all(np.diff(lrs[:21]) > 0) and np.all(np.diff(lrs[20:]) < 0)
@@ -149,19 +152,19 @@ def _equivalence_config():
   return config
 
 
-def _run_steps(config, devices, steps=3, batch_size=16):
+def _run_steps(config, devices, num_steps=3, batch_size=16):
   rng = np.random.default_rng(0)
   batches = [{'image': rng.integers(0, 256, (batch_size, 32, 32, 1), dtype=np.uint8),
               'label': rng.integers(0, 10, (batch_size,), dtype=np.int32)}
-             for _ in range(steps)]
-  schedule = train_lib.learning_rate_schedule(config, 100, 100)
-  ctx = train_lib.StepContext(config=config, mean=np.float32([33.]), std=np.float32([78.]),
-                              num_classes=10, schedule=schedule)
-  strategy = train_lib.create_strategy(ctx, devices)
-  model = model_lib.create_model(config.model, bn_axis_name=train_lib.bn_axis_name(config))
+             for _ in range(num_steps)]
+  schedule = optim.learning_rate_schedule(config, 100, 100)
+  ctx = steps.StepContext(config=config, mean=np.float32([33.]), std=np.float32([78.]),
+                          num_classes=10, schedule=schedule)
+  strategy = parallel.create_strategy(ctx, devices)
+  model = model_lib.create_model(config.model, bn_axis_name=parallel.bn_axis_name(config))
   # Plain SGD: Adam would turn the numerically-zero gradients of the biases in front of
   # BatchNorm into arbitrary +-lr steps, which differ between layouts.
-  state = strategy.put_state(train_lib.create_train_state(model, jax.random.key(0),
+  state = strategy.put_state(steps.create_train_state(model, jax.random.key(0),
                                                           optax.sgd(0.1)))
   history = []
   for batch in batches:
@@ -190,11 +193,11 @@ def _eval_sums(config, devices, batch_size=16):
   batch = {'image': rng.integers(0, 256, (batch_size, 32, 32, 1), dtype=np.uint8),
            'label': rng.integers(0, 10, (batch_size,), dtype=np.int32),
            'mask': np.arange(batch_size) < batch_size - 3}  # a padded last batch
-  ctx = train_lib.StepContext(config=config, mean=np.float32([33.]), std=np.float32([78.]),
-                              num_classes=10, schedule=optax.constant_schedule(1e-3))
-  strategy = train_lib.create_strategy(ctx, devices)
+  ctx = steps.StepContext(config=config, mean=np.float32([33.]), std=np.float32([78.]),
+                          num_classes=10, schedule=optax.constant_schedule(1e-3))
+  strategy = parallel.create_strategy(ctx, devices)
   model = model_lib.create_model(config.model)
-  state = strategy.put_state(train_lib.create_train_state(model, jax.random.key(0),
+  state = strategy.put_state(steps.create_train_state(model, jax.random.key(0),
                                                           optax.sgd(0.1)))
   return strategy.eval_sums(state, batch)
 
@@ -215,10 +218,10 @@ def test_pmap_eval_sums_devices_inside_the_step():
 
 def test_batch_that_does_not_split_over_devices_is_rejected():
   config = _smoke(batch_size=12)
-  ctx = train_lib.StepContext(config=config, mean=0., std=1., num_classes=10,
-                              schedule=optax.constant_schedule(1e-3))
+  ctx = steps.StepContext(config=config, mean=0., std=1., num_classes=10,
+                          schedule=optax.constant_schedule(1e-3))
   with pytest.raises(ValueError, match='batch_size=12 must divide evenly over the 8 devices'):
-    train_lib.create_strategy(ctx)
+    parallel.create_strategy(ctx)
 
 
 # ----------------------------------------------------------------------------- resume & failures
@@ -312,18 +315,62 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(reference_run, compila
   _assert_same_as_reference(workdir, reference_run)
 
 
+# train.py with NaN pixels in the train batch of one (1-based) step: the test's own data.
+_POISONED_TRAIN = """
+import runpy, sys
+import numpy as np
+from stas_jax import input_pipeline
+
+BAD_STEP = int(sys.argv[1])  # argv: -c BAD_STEP train.py FLAGS...
+sys.argv = sys.argv[2:]
+real_create_datasets = input_pipeline.create_datasets
+
+
+class Poisoned:
+  \"\"\"The real train iterator (its checkpoint state included), but batch BAD_STEP is NaN.\"\"\"
+
+  def __init__(self, it):
+    self._it, self._served = it, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._it)
+    self._served += 1
+    if self._served == BAD_STEP:
+      batch = dict(batch, image=np.full(batch['image'].shape, np.nan, np.float32))
+    return batch
+
+  def __getattr__(self, name):  # get_state, set_state, start_prefetch, ...
+    return getattr(self._it, name)
+
+
+def create_datasets(*args, **kwargs):
+  data = real_create_datasets(*args, **kwargs)
+  data.train_iter = Poisoned(data.train_iter)
+  return data
+
+
+input_pipeline.create_datasets = create_datasets
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
 def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(reference_run, compilation_cache,
                                                            tmp_path):
   workdir = str(tmp_path / 'nan')
   bad_step = CKPT_EVERY + 5
-  result = _run_train(workdir, {**RUN_OVERRIDES, 'debug.nan_at_step': bad_step},
-                      compilation_cache)
-  assert result.returncode == 1
+  train_cmd = _train_cmd(workdir, RUN_OVERRIDES)
+  result = subprocess.run([train_cmd[0], '-c', _POISONED_TRAIN, str(bad_step)] + train_cmd[1:],
+                          env=_subprocess_env(compilation_cache, devices=1),
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode == 1, result.stderr[-3000:]
   assert 'Non-finite training metrics' in result.stderr
   assert f'at step {bad_step} (epoch' in result.stderr
   assert 'Traceback' not in result.stderr
-  steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
-  assert steps == [CKPT_EVERY]
+  saved = sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
+  assert saved == [CKPT_EVERY]
   got, meta = _restore(workdir, CKPT_EVERY, _smoke())
   want, _ = _restore(reference_run, CKPT_EVERY, _smoke())
   _assert_trees_equal(got, want)
