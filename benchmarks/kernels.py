@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from stas_jax import matmul  # noqa: E402  pylint: disable=g-import-not-at-top
 from stas_jax import neurons  # noqa: E402  pylint: disable=g-import-not-at-top
+from stas_jax.model_config import ModelSpec  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _BATCH = flags.DEFINE_integer('batch', 128, 'Conv batch (timesteps x images).')
 _REPEATS = flags.DEFINE_integer('repeats', 4, 'Timed repetitions (the minimum is reported).')
@@ -82,7 +83,7 @@ def main(argv):
       np.testing.assert_allclose(jitted(x, dy, kernel), want, rtol=2e-3, atol=2e-2)
       row[name] = gflop / _best(jitted, x, dy, kernel)
     result['conv_kernel_grad_gflops'][f'{h}x{h} {c}->{f}'] = row
-  p = neurons.LIFParams()
+  p = ModelSpec().lif()  # the default model's neurons
   for h, _, f in CONV_SHAPES[1:3]:
     seq = jnp.asarray(rng.normal(size=(4, m // 4, h, h, f)), jnp.float32)
     weights = jnp.asarray(rng.normal(size=seq.shape), jnp.float32)

@@ -4,68 +4,20 @@ Not meant to be run on its own: it describes Spikformer-4-384 on CIFAR-10 with t
 recipe (spec section 8). Run a concrete config instead, e.g.
 `python train.py --config=configs/cifar100.py`.
 """
+import dataclasses
+
 import ml_collections
+
+from stas_jax import model_config
 
 
 def get_model_config() -> ml_collections.ConfigDict:
-  """The `model` group: backbone sizes, neurons, I-SPS and halting (spec sections 2-5)."""
-  m = ml_collections.ConfigDict()
-  m.geometry = 'cifar'          # 'cifar' (Linear blocks) | 'imagenet' (1x1 convs, no qkv bias)
-  m.image_size = 32
-  m.in_channels = 3
-  m.num_classes = 10
-  m.patch_size = 4              # 2 ** (number of max-pools in the SPS); cifar 4, imagenet 16
-  m.dim = 384
-  m.depth = 4
-  m.heads = 12
-  m.mlp_ratio = 4
-  m.timesteps = 4
-  m.patch_embed = 'sps'         # 'sps' (Spikformer) | 'isps' (integrated, STAS)
-  m.attn_scale = 0.125
-  m.bn_momentum = 0.9           # flax convention: 1 - PyTorch momentum (0.1)
-  m.bn_epsilon = 1e-5
-  m.bn_cross_replica = False    # pmean batch statistics over the 'batch' axis (pmap)
-  m.dtype = 'float32'           # matmul/conv operands: 'float32' | 'bfloat16' (mixed precision:
-                                # float32 accumulation, params, BN and LIF; stas_jax/matmul.py)
-  m.remat = True                # jax.checkpoint each encoder cell, keeping what the policy says
-  m.remat_policy = 'dots_saveable'  # keep matmul outputs, recompute BatchNorm/LIF/mask work:
-                                    # 4-384 train step 0.82x the time without remat and peak
-                                    # 6.6 -> 4.9 GiB on CPU; 'nothing_saveable' recomputes all
-  m.unroll_time = True          # unroll the T-step time scan, the block scan stays rolled:
-                                # 4-384 train step 0.89-0.95x the rolled time on CPU, +2 s compile
-  m.unroll_scans = False        # unroll the block scan too (implies unroll_time; longer compile)
+  """The `model` group: backbone sizes, neurons, I-SPS and halting (spec sections 2-5).
 
-  m.neuron = ml_collections.ConfigDict()
-  m.neuron.tau = 2.0
-  m.neuron.v_threshold = 1.0
-  m.neuron.attn_v_threshold = 0.5
-  m.neuron.v_reset = 0.0
-  m.neuron.surrogate = 'sigmoid'  # 'sigmoid' | 'atan'
-  m.neuron.alpha = 4.0
-  m.neuron.detach_reset = True
-
-  m.isps = ml_collections.ConfigDict()
-  m.isps.reduce = 'mean'            # 'mean' | 'sum' over the T spikes of the first LIF
-  m.isps.integrate_at = 'first_lif'  # 'first_lif' | 'sps_output'
-  # How the tail's neurons (after conv1-3 and the RPE conv, which run once) fire: 'single_step'
-  # (one LIF step) | 'any_spike' (1 if T LIF steps on the constant current fire) | 'multi_step'
-  # (the T steps' spikes integrated by `reduce`); see docs/method.md section 4.
-  m.isps.tail = 'single_step'
-
-  m.halt = ml_collections.ConfigDict()
-  m.halt.mode = 'none'          # 'none' | 'spatial' | 'temporal' | 'spatiotemporal'
-  m.halt.eps = 0.01
-  m.halt.channel = 0
-  m.halt.gamma = 1.0
-  m.halt.beta = -3.0
-  m.halt.learnable = False
-  m.halt.soft_mask = False      # differentiable relaxation of the halting mask (studies)
-  m.halt.soft_temperature = 0.05  # soft-mask temperature at step 0 (see halt_anneal_steps)
-  m.halt.target_cell = 0.75     # centre of the Gaussian prior, as a fraction of the T*L cells
-  m.halt.target_sigma = 1.0
-  m.halt.alpha_p = 5e-4         # ponder loss weight
-  m.halt.alpha_d = 0.1          # distribution-prior loss weight
-  return m
+  Its keys and defaults are the fields of `stas_jax.model_config.ModelSpec` (documented there),
+  with the `neuron`, `isps` and `halt` sub-specs as nested groups.
+  """
+  return ml_collections.ConfigDict(dataclasses.asdict(model_config.ModelSpec()))
 
 
 def get_config() -> ml_collections.ConfigDict:

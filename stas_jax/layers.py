@@ -5,7 +5,7 @@ Parameter names follow the PyTorch Spikformer state_dict (proj_conv1, q_linear, 
 """
 import functools
 import math
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Optional, Protocol, Tuple
 
 import einops
 import flax.linen as nn
@@ -278,53 +278,21 @@ def _image_sums(a: jax.Array, batch: int) -> jax.Array:
   return jnp.sum(a.reshape((-1, batch, math.prod(a.shape[1:]))), axis=(0, 2))
 
 
-class TokenLayout(NamedTuple):
-  """Where the rows of a compacted token buffer sit in the (B, N) token grid.
+class BufferLayout(Protocol):
+  """Where the C rows of a token buffer sit in the (B, N) token grid.
 
-  Early-exit inference (`stas_jax.early_exit`) runs blocks on a buffer of C rows that holds the
-  active tokens of the whole batch; attention, which mixes the tokens of one image, runs on the
-  grid. `rows` and `slot` are inverse maps; out-of-range entries mark empty places.
-
-  Attributes:
-    rows: (C,) int32, flat grid index b * N + n of each buffer row; B * N for an empty row.
-    slot: (B * N,) int32, the buffer row that holds each token; C for a token not held.
-    batch, tokens: B and N (static).
+  `SSABlock` runs on such a buffer for early-exit inference; `stas_jax.early_exit.TokenLayout`
+  is the implementation. Attention mixes the tokens of one image, so it runs on the grid.
   """
-  rows: jax.Array
-  slot: jax.Array
-  batch: int
-  tokens: int
-
-  @classmethod
-  def of_rows(cls, rows: jax.Array, batch: int, tokens: int) -> 'TokenLayout':
-    """The layout of a buffer whose row i holds grid token rows[i] (B * N: empty)."""
-    held = jnp.arange(rows.shape[0], dtype=jnp.int32)
-    slot = jnp.full((batch * tokens,), rows.shape[0], jnp.int32).at[rows].set(held, mode='drop')
-    return cls(rows, slot, batch, tokens)
-
-  def take(self, flat: jax.Array) -> jax.Array:
-    """(B * N, ...) grid tokens -> (C, ...) buffer rows, zeros in empty rows."""
-    return jnp.take(flat, self.rows, axis=0, mode='fill', fill_value=0)
-
-  def spread(self, a: jax.Array) -> jax.Array:
-    """(C, ...) buffer rows -> (B * N, ...) grid tokens, zeros where a token is not held."""
-    return jnp.take(a, self.slot, axis=0, mode='fill', fill_value=0)
-
-  def put(self, flat: jax.Array, a: jax.Array) -> jax.Array:
-    """`flat` (B * N, ...) with the held tokens replaced by the buffer rows `a` (C, ...)."""
-    return flat.at[self.rows].set(a, mode='drop')
 
   def to_grid(self, a: jax.Array) -> jax.Array:
     """(C, F) buffer rows -> (B, N, F), zeros where a token is not held."""
-    return self.spread(a).reshape((self.batch, self.tokens) + a.shape[1:])
 
   def from_grid(self, g: jax.Array) -> jax.Array:
     """(B, N, F) -> (C, F) buffer rows, zeros in empty rows."""
-    return self.take(g.reshape((self.batch * self.tokens,) + g.shape[2:]))
 
   def per_image(self, a: jax.Array) -> jax.Array:
     """Sum of (C, F) rows per image -> (B,); empty rows count nowhere."""
-    return jnp.sum(self.spread(jnp.sum(a, -1)).reshape((self.batch, self.tokens)), axis=1)
 
 
 class SSABlock(nn.Module):
@@ -348,7 +316,7 @@ class SSABlock(nn.Module):
 
   @nn.compact
   def __call__(self, z: jax.Array, mask: jax.Array, mem: Dict[str, jax.Array],
-               layout: Optional[TokenLayout] = None) -> Tuple[jax.Array, Dict, Dict]:
+               layout: Optional[BufferLayout] = None) -> Tuple[jax.Array, Dict, Dict]:
     """Runs the block.
 
     Args:

@@ -9,12 +9,32 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from stas_jax import halting
 from stas_jax.model_config import ModelSpec
 
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Mean over the batch of -sum(targets * log_softmax(logits)); targets (B, K) sum to 1."""
   return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+
+
+def halt_loss_terms(aux: Dict, spec: ModelSpec) -> Dict[str, jax.Array]:
+  """The two halting losses, unweighted, from what the model returned.
+
+  Args:
+    aux: the model's aux dict: `ponder` rho (B, N) and `cell_weight` (T, L, B, N).
+    spec: the model spec (grid size, prior in `spec.halt`).
+
+  Returns:
+    {'ponder': mean rho / (T * L), 'distribution': KL(Gaussian prior || halting distribution)}.
+  """
+  hp = spec.halt
+  cells = halting.scoring_cells(hp.mode, spec.timesteps, spec.depth)
+  return {
+      'ponder': halting.ponder_loss(aux['ponder'], spec.timesteps, spec.depth),
+      'distribution': halting.distribution_prior_loss(
+          aux['cell_weight'], cells, hp.target_cell, hp.target_sigma),
+  }
 
 
 def total_loss(logits: jax.Array, targets: jax.Array, aux: Dict,
@@ -26,14 +46,14 @@ def total_loss(logits: jax.Array, targets: jax.Array, aux: Dict,
   Args:
     logits: (B, K).
     targets: soft targets (B, K).
-    aux: the model's aux dict (needs `halt_loss_terms`).
+    aux: the model's aux dict (needs `ponder` and `cell_weight`; see `halt_loss_terms`).
     spec: the model spec (loss weights in `spec.halt`).
 
   Returns:
     (scalar loss, {'loss', 'ce', 'ponder', 'distribution'}).
   """
   ce = soft_cross_entropy(logits, targets)
-  terms = aux['halt_loss_terms']
+  terms = halt_loss_terms(aux, spec)
   loss = ce
   if spec.halt.mode != 'none':
     loss = loss + spec.halt.alpha_p * terms['ponder'] + spec.halt.alpha_d * terms['distribution']

@@ -106,10 +106,10 @@ class STAS(nn.Module):
   `(logits, aux)`. aux keys:
     active (T, L, B, N): mask in effect when block l ran at timestep t.
     cell_weight (T, L, B, N): ACT weight each cell's output got in the readout.
-    ponder (B, N): ponder cost rho.
-    halt_loss_terms: {'ponder': scalar, 'distribution': scalar}.
+    ponder (B, N): ponder cost rho (`stas_jax.losses` turns it and cell_weight into the losses).
     block_stats: {name: (T, L, B)} input sums and spike counts per block layer.
-    sps_stats: {name: (B,)} input sums and spike counts of the patch embedding.
+    sps_stats: {name: (B,)} input sums and spike counts of the patch embedding, and
+      token_values (T, B, N) (see `embed`).
     embed (T, B, N, D): encoder input per timestep.
     with capture=True also block_inputs / block_outputs (T, L, B, N, D).
   """
@@ -196,24 +196,29 @@ class STAS(nn.Module):
                                 else halt_temperature)
     hs, ys = self.encoder(u, (gamma, beta, temperature), train=train, capture=capture)
     logits = self.classify(hs.out)
-    cells = halting.scoring_cells(hp.mode, s.timesteps, s.depth)
-    aux = {
-        'active': ys['active'],
-        'cell_weight': ys['weight'],
-        'ponder': hs.rho,
-        'halt_loss_terms': {
-            'ponder': halting.ponder_loss(hs.rho, s.timesteps, s.depth),
-            'distribution': halting.distribution_prior_loss(
-                ys['weight'], cells, hp.target_cell, hp.target_sigma),
-        },
-        'block_stats': ys['stats'],
-        'sps_stats': sps_aux,
-        'embed': u,
-    }
+    aux = forward_aux(ys['active'], ys['weight'], hs.rho, ys['stats'], sps_aux, embed=u)
     if capture:
       aux['block_inputs'] = ys['z_in']
       aux['block_outputs'] = ys['z_out']
     return logits, aux
+
+
+def forward_aux(active: jax.Array, cell_weight: jax.Array, ponder: jax.Array,
+                block_stats: Dict[str, jax.Array], sps_stats: Dict[str, jax.Array],
+                **extra) -> Dict[str, Any]:
+  """The aux dict of a forward pass (keys in `STAS`'s docstring), shared by `stas_jax.early_exit`.
+
+  Args:
+    active, cell_weight: (T, L, B, N) mask and ACT weight of every cell.
+    ponder: (B, N) ponder cost rho.
+    block_stats: {name: (T, L, B)} per-block sums.
+    sps_stats: the patch embedding's sums (`STAS.embed`).
+    **extra: further entries of the path that computed them (e.g. `embed`).
+  """
+  chex.assert_equal_shape((active, cell_weight))
+  chex.assert_shape(ponder, active.shape[2:])
+  return {'active': active, 'cell_weight': cell_weight, 'ponder': ponder,
+          'block_stats': block_stats, 'sps_stats': sps_stats, **extra}
 
 
 def create_model(model_config, *, bn_axis_name: Optional[str] = None) -> STAS:

@@ -22,61 +22,77 @@ REMAT_POLICIES = ('nothing_saveable', 'dots_saveable')
 
 @dataclasses.dataclass(frozen=True)
 class NeuronSpec:
+  """LIF constants shared by every neuron of the network (see `neurons.LIFParams`)."""
   tau: float = 2.0
   v_threshold: float = 1.0
-  attn_v_threshold: float = 0.5
+  attn_v_threshold: float = 0.5   # threshold of the attention LIF (Spikformer's attn_lif)
   v_reset: float = 0.0
-  surrogate: str = 'sigmoid'
+  surrogate: str = 'sigmoid'      # 'sigmoid' | 'atan'
   alpha: float = 4.0
   detach_reset: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class ISPSSpec:
-  reduce: str = 'mean'
-  integrate_at: str = 'first_lif'
-  tail: str = 'single_step'
+  """How I-SPS integrates the spikes of its first LIF (docs/method.md section 4).
+
+  tail: how the tail's neurons (after conv1-3 and the RPE conv, which run once) fire:
+    'single_step' (one LIF step) | 'any_spike' (1 if T LIF steps on the constant current fire)
+    | 'multi_step' (the T steps' spikes integrated by `reduce`).
+  """
+  reduce: str = 'mean'            # 'mean' | 'sum' over the T spikes of the first LIF
+  integrate_at: str = 'first_lif'  # 'first_lif' | 'sps_output'
+  tail: str = 'single_step'       # 'single_step' | 'any_spike' | 'multi_step'
 
 
 @dataclasses.dataclass(frozen=True)
 class HaltSpec:
-  mode: str = 'none'
+  """Token halting: mode, halting score h = sigmoid(gamma * z[channel] + beta), loss weights."""
+  mode: str = 'none'              # 'none' | 'spatial' | 'temporal' | 'spatiotemporal'
   eps: float = 0.01
   channel: int = 0
   gamma: float = 1.0
   beta: float = -3.0
   learnable: bool = False
-  soft_mask: bool = False
-  soft_temperature: float = 0.05
-  target_cell: float = 0.75
+  soft_mask: bool = False         # differentiable relaxation of the halting mask (studies)
+  soft_temperature: float = 0.05  # soft-mask temperature at step 0 (see config.halt_anneal_steps)
+  target_cell: float = 0.75       # centre of the Gaussian prior, as a fraction of the T*L cells
   target_sigma: float = 1.0
-  alpha_p: float = 5e-4
-  alpha_d: float = 0.1
+  alpha_p: float = 5e-4           # ponder loss weight
+  alpha_d: float = 0.1            # distribution-prior loss weight
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """Everything the network's shape and dynamics depend on (spec sections 2-5)."""
-  geometry: str = 'cifar'
+  """Everything the network's shape and dynamics depend on (spec sections 2-5).
+
+  These field defaults are the defaults of `config.model` (`configs/default.py` builds the
+  group from them).
+  """
+  geometry: str = 'cifar'         # 'cifar' (Linear blocks) | 'imagenet' (1x1 convs, no qkv bias)
   image_size: int = 32
   in_channels: int = 3
   num_classes: int = 10
-  patch_size: int = 4
+  patch_size: int = 4             # 2 ** (number of max-pools in the SPS); cifar 4, imagenet 16
   dim: int = 384
   depth: int = 4
   heads: int = 12
   mlp_ratio: int = 4
   timesteps: int = 4
-  patch_embed: str = 'sps'
+  patch_embed: str = 'sps'        # 'sps' (Spikformer) | 'isps' (integrated, STAS)
   attn_scale: float = 0.125
-  bn_momentum: float = 0.9
+  bn_momentum: float = 0.9        # flax convention: 1 - PyTorch momentum (0.1)
   bn_epsilon: float = 1e-5
-  bn_cross_replica: bool = False
+  bn_cross_replica: bool = False  # pmean batch statistics over the 'batch' axis (pmap)
+  # Matmul/conv operands: 'float32' | 'bfloat16' (mixed precision: float32 accumulation, params,
+  # BN and LIF; stas_jax/matmul.py).
   dtype: str = 'float32'
-  remat: bool = True
+  remat: bool = True              # jax.checkpoint each encoder cell, keeping what the policy says
+  # 'dots_saveable' keeps matmul outputs and recomputes BatchNorm/LIF/mask work;
+  # 'nothing_saveable' recomputes all.
   remat_policy: str = 'dots_saveable'
-  unroll_time: bool = True
-  unroll_scans: bool = False
+  unroll_time: bool = True        # unroll the T-step time scan, the block scan stays rolled
+  unroll_scans: bool = False      # unroll the block scan too (implies unroll_time; longer compile)
   neuron: NeuronSpec = NeuronSpec()
   isps: ISPSSpec = ISPSSpec()
   halt: HaltSpec = HaltSpec()

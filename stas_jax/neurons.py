@@ -16,7 +16,7 @@ SURROGATES = ('sigmoid', 'atan')
 
 @dataclasses.dataclass(frozen=True)
 class LIFParams:
-  """Constants of one LIF population.
+  """Constants of one LIF population; no defaults: `ModelSpec.lif()` builds them from the config.
 
   Attributes:
     tau: membrane time constant (decay 1/tau per step).
@@ -26,12 +26,12 @@ class LIFParams:
     alpha: surrogate sharpness.
     detach_reset: stop the gradient through the reset (Spikformer does).
   """
-  tau: float = 2.0
-  v_threshold: float = 1.0
-  v_reset: float = 0.0
-  surrogate: str = 'sigmoid'
-  alpha: float = 4.0
-  detach_reset: bool = True
+  tau: float
+  v_threshold: float
+  v_reset: float
+  surrogate: str
+  alpha: float
+  detach_reset: bool
 
   def __post_init__(self):
     if self.surrogate not in SURROGATES:
@@ -51,7 +51,7 @@ def surrogate_grad(x: jax.Array, surrogate: str, alpha: float) -> jax.Array:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def spike(x: jax.Array, surrogate: str = 'sigmoid', alpha: float = 4.0) -> jax.Array:
+def spike(x: jax.Array, surrogate: str, alpha: float) -> jax.Array:
   """Heaviside step (x >= 0 -> 1) whose derivative is the surrogate's."""
   return (x >= 0).astype(x.dtype)
 

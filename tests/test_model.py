@@ -1,13 +1,15 @@
 """The backbone: sizes, parameter counts, input checks, end-to-end gradient flow."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import default
 from conftest import tiny_model_config
+from stas_jax import losses
 from stas_jax import model as model_lib
-from stas_jax.model_config import spec_from_config
+from stas_jax.model_config import ModelSpec, spec_from_config
 
 
 def count_params(cfg):
@@ -74,6 +76,33 @@ def test_unknown_config_key_is_named():
     spec_from_config(cfg)
 
 
+# config.model as configs/default.py spelt it out before ModelSpec became its only source.
+DEFAULT_MODEL_GROUP = {
+    'geometry': 'cifar', 'image_size': 32, 'in_channels': 3, 'num_classes': 10,
+    'patch_size': 4, 'dim': 384, 'depth': 4, 'heads': 12, 'mlp_ratio': 4, 'timesteps': 4,
+    'patch_embed': 'sps', 'attn_scale': 0.125, 'bn_momentum': 0.9, 'bn_epsilon': 1e-5,
+    'bn_cross_replica': False, 'dtype': 'float32', 'remat': True,
+    'remat_policy': 'dots_saveable', 'unroll_time': True, 'unroll_scans': False,
+    'neuron': {'tau': 2.0, 'v_threshold': 1.0, 'attn_v_threshold': 0.5, 'v_reset': 0.0,
+               'surrogate': 'sigmoid', 'alpha': 4.0, 'detach_reset': True},
+    'isps': {'reduce': 'mean', 'integrate_at': 'first_lif', 'tail': 'single_step'},
+    'halt': {'mode': 'none', 'eps': 0.01, 'channel': 0, 'gamma': 1.0, 'beta': -3.0,
+             'learnable': False, 'soft_mask': False, 'soft_temperature': 0.05,
+             'target_cell': 0.75, 'target_sigma': 1.0, 'alpha_p': 5e-4, 'alpha_d': 0.1},
+}
+
+
+def test_default_model_group_comes_from_model_spec():
+  cfg = default.get_model_config()
+  assert cfg.to_dict() == DEFAULT_MODEL_GROUP
+  for group in ('neuron', 'isps', 'halt'):
+    assert isinstance(cfg[group], ml_collections.ConfigDict), group
+  # Same types too (ConfigDict overrides are type-checked against them): 1.0 == 1 above.
+  typed = lambda d: {k: typed(v) if isinstance(v, dict) else type(v) for k, v in d.items()}
+  assert typed(cfg.to_dict()) == typed(DEFAULT_MODEL_GROUP)
+  assert spec_from_config(cfg) == ModelSpec()
+
+
 def test_gradient_reaches_every_parameter():
   cfg = tiny_model_config(patch_embed='sps', **{'halt.mode': 'none'})
   model = model_lib.create_model(cfg)
@@ -104,7 +133,8 @@ def _halting_train_step(**overrides):
   def loss_fn(params):
     (logits, aux), new = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
                                      images, train=True, mutable=['batch_stats'])
-    return jnp.sum(logits ** 2) + aux['halt_loss_terms']['ponder'], (new, aux['active'])
+    ponder = losses.halt_loss_terms(aux, model.spec)['ponder']
+    return jnp.sum(logits ** 2) + ponder, (new, aux['active'])
   return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
 
 

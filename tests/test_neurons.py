@@ -1,4 +1,5 @@
 """LIF dynamics and surrogate gradients against hand-computed values."""
+import dataclasses
 import math
 
 import jax
@@ -9,7 +10,9 @@ from jax.test_util import check_grads
 
 from stas_jax import neurons
 
-P = neurons.LIFParams()  # tau 2, threshold 1, reset 0, sigmoid alpha 4
+# The hand-computed values below assume these constants (today's model defaults too).
+P = neurons.LIFParams(tau=2.0, v_threshold=1.0, v_reset=0.0, surrogate='sigmoid', alpha=4.0,
+                      detach_reset=True)
 
 
 def test_constant_input_spike_train_by_hand():
@@ -30,7 +33,7 @@ def test_threshold_equality_fires():
   # H = 0 + (2 - 0) / 2 = 1.0 exactly == v_threshold.
   v, s = neurons.lif_step(jnp.float32(0.0), jnp.float32(2.0), P)
   assert float(s) == 1.0 and float(v) == 0.0
-  attn = neurons.LIFParams(v_threshold=0.5)
+  attn = dataclasses.replace(P, v_threshold=0.5)
   _, s = neurons.lif_step(jnp.float32(0.0), jnp.float32(1.0), attn)
   assert float(s) == 1.0
   _, s = neurons.lif_step(jnp.float32(0.0), jnp.float32(np.nextafter(2.0, 0, dtype=np.float32)), P)
@@ -38,7 +41,7 @@ def test_threshold_equality_fires():
 
 
 def test_nonzero_reset_and_tau():
-  p = neurons.LIFParams(tau=4.0, v_reset=-0.5, v_threshold=0.25)
+  p = dataclasses.replace(P, tau=4.0, v_reset=-0.5, v_threshold=0.25)
   v, s = neurons.lif_step(jnp.float32(-0.5), jnp.float32(2.0), p)
   # H = -0.5 + (2 - (-0.5 + 0.5)) / 4 = 0.0 -> below 0.25, no spike.
   assert float(s) == 0.0 and float(v) == 0.0
@@ -113,7 +116,7 @@ def test_step_gradient_through_surrogate():
 
 def test_detached_reset_changes_membrane_gradient():
   def v_after_two(x, detach):
-    p = neurons.LIFParams(detach_reset=detach)
+    p = dataclasses.replace(P, detach_reset=detach)
     s, v = neurons.lif_multistep(jnp.stack([x, x]), p)
     return jnp.sum(v)
 
@@ -126,7 +129,12 @@ def test_detached_reset_changes_membrane_gradient():
 
 def test_unknown_surrogate_is_rejected():
   with pytest.raises(ValueError, match='surrogate'):
-    neurons.LIFParams(surrogate='relu')
+    dataclasses.replace(P, surrogate='relu')
+
+
+def test_nonpositive_tau_is_rejected():
+  with pytest.raises(ValueError, match='tau'):
+    dataclasses.replace(P, tau=0.0)
 
 
 # Constant currents (tau 2, v_th 1, reset 0) and their 4-step spike trains, by hand:
