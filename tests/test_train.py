@@ -202,11 +202,13 @@ def _eval_sums(config, devices, batch_size=16):
   return strategy.eval_sums(state, batch)
 
 
-def test_pmap_eval_sums_devices_inside_the_step():
-  """The per-device sums are added inside the pmapped step, so the result lives on one device:
-  a reduction over the pmap's sharded output afterwards is another multi-device program, and
-  several of those in flight deadlocked XLA:CPU's collective rendezvous (CI abort)."""
-  config = _smoke()
+@pytest.mark.parametrize('layout', parallel.PARALLEL_MODES)
+def test_eval_sums_are_added_over_devices_onto_one(layout):
+  """Both layouts give the eval sums of the whole batch, on one device. Under pmap the
+  per-device sums are added inside the pmapped step: a reduction over the pmap's sharded output
+  afterwards is another multi-device program, and several of those in flight deadlocked
+  XLA:CPU's collective rendezvous (CI abort)."""
+  config = _smoke(parallel=layout)
   single = jax.device_get(_eval_sums(config, jax.devices()[:1]))
   sums = _eval_sums(config, jax.devices())
   for key, value in sums.items():
