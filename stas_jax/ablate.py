@@ -163,9 +163,11 @@ def same_config(recorded: Any, current: Any) -> bool:
 
 
 def finished_report(run_dir: str, config: ml_collections.ConfigDict) -> Optional[Dict[str, Any]]:
-  """The run's eval.json if it evaluated this config (`same_config`) at its last step."""
+  """The run's eval.json if this code (`run_files.code_version`) evaluated this config
+  (`same_config`) at its last step; else the run is evaluated again (never retrained)."""
   report = _read_json(os.path.join(run_dir, evaluate.EVAL_JSON))
   if (report is not None and same_config(report.get('config'), run_files.config_json(config))
+      and report.get('code_version') == run_files.code_version()
       and report['step'] >= report['total_steps']):
     return report
   return None

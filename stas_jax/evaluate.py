@@ -122,7 +122,7 @@ def evaluate_run(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
     'loss', 'token_ratio', 'timesteps', 'energy_mj', 'energy_split_mj' {patch_embed,
     attention, mlp, head}, 'sops' {group/layer}, 'firing_rates' {layer}, 'token_ratio_per_cell'
     (T x L), 'temporal_similarity' (L x T-1, tokens active at both steps),
-    'temporal_similarity_all_tokens' (L x T-1), 'config', 'eval_wall_time_s', and
+    'temporal_similarity_all_tokens' (L x T-1), 'config', 'code_version', 'eval_wall_time_s', and
     'early_exit' / 'plots' when asked for.
   """
   start = time.monotonic()
@@ -161,6 +161,7 @@ def evaluate_run(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
   if with_plots:
     report['plots'] = write_plots(workdir, report, model.spec.halt.mode, first, num_plot_images)
   report['config'] = run_files.config_json(config)
+  report['code_version'] = run_files.code_version()
   report['eval_wall_time_s'] = time.monotonic() - start
   with open(os.path.join(workdir, EVAL_JSON), 'w') as f:
     json.dump(report, f, indent=1, allow_nan=True)

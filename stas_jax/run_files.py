@@ -4,6 +4,8 @@ events (`MetricsLog`), and the closing summary printed at the end of a run.
 clu's metric writers were considered for the logs: they bring no JSONL writer, and their
 TensorBoard writers need TensorFlow or PyTorch, so the few lines here stay.
 """
+import functools
+import hashlib
 import json
 import os
 from typing import Any, Dict, Optional
@@ -11,6 +13,19 @@ from typing import Any, Dict, Optional
 import ml_collections
 
 CONFIG_JSON, METRICS_JSONL, TB_DIR = 'config.json', 'metrics.jsonl', 'tb'
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+  """A digest of the stas_jax sources: figures computed by other code (an evaluation made
+  before a change of the energy rule, say) are recognised as stale by `stas_jax.ablate`."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  digest = hashlib.sha256()
+  for name in sorted(os.listdir(package)):
+    if name.endswith('.py'):
+      with open(os.path.join(package, name), 'rb') as f:
+        digest.update(name.encode() + b'\0' + f.read())
+  return digest.hexdigest()[:16]
 
 
 def config_json(config: ml_collections.ConfigDict) -> Dict[str, Any]:

@@ -128,6 +128,36 @@ def test_trained_but_unevaluated_row_is_only_evaluated(first_study, monkeypatch,
     assert json.load(f)['step'] == 2
 
 
+def test_row_evaluated_by_other_code_is_evaluated_again(first_study, monkeypatch, tmp_path):
+  """An eval.json written by other stas_jax sources (say, before a change of the energy rule)
+  is stale: the run is evaluated again with today's code, not retrained."""
+  out, _ = first_study
+  copy = str(tmp_path / 'study')
+  shutil.copytree(out, copy)
+  path = os.path.join(copy, 'sps-none', evaluate.EVAL_JSON)
+  with open(path) as f:
+    stale = json.load(f)
+  stale['code_version'], stale['energy_mj'] = 'older-code', -1.0
+  with open(path, 'w') as f:
+    json.dump(stale, f)
+  calls = []
+  real = evaluate.evaluate_run
+
+  def counting(workdir, *args, **kwargs):
+    calls.append(os.path.basename(workdir))
+    return real(workdir, *args, **kwargs)
+
+  monkeypatch.setattr(train_lib, 'train_and_evaluate',
+                      lambda *a, **k: pytest.fail('retrained a finished run'))
+  monkeypatch.setattr(evaluate, 'evaluate_run', counting)
+  lines = ablate.run_study(_base(), copy, _tiny_study())
+  assert calls == ['sps-none']
+  with open(path) as f:
+    fresh = json.load(f)
+  assert fresh['code_version'] == run_files.code_version() and fresh['energy_mj'] > 0
+  assert all(line['energy_mj'] > 0 for line in lines)
+
+
 def test_run_of_another_config_is_refused_not_reused(first_study, monkeypatch, tmp_path):
   out, _ = first_study
   copy = str(tmp_path / 'study')
