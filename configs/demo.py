@@ -7,12 +7,13 @@ Command:
 Model: dim 96, depth 2, 4 heads, T = 4, 8 x 8 patches (16 tokens), I-SPS (single-step tail) +
 spatiotemporal halting without the distribution prior, 1 input channel; 14 epochs of batch 64,
 AdamW 2e-3 with cosine decay.
-Expected: about 96 % test accuracy (seeds 0, 1, 2: 95.97 +- 0.45 %) for about 3.1 uJ per image,
-56 % less energy than the Spikformer baseline of the same budget (98.37 +- 0.12 % at 7.0 uJ;
+Expected: about 96 % test accuracy (seeds 0, 1, 2: 95.97 +- 0.45 %) for about 3.2 uJ per image,
+55 % less energy than the Spikformer baseline of the same budget (98.37 +- 0.12 % at 7.0 uJ;
 README "Studies", configs/study_demo.py). STAS does not reach Spikformer's accuracy here: its
 sparse binary patch-embedding tail costs the points (README "Studies").
 Measured (2 cores, 2026-12-02, `python train.py`): 96.40 % top-1, token ratio 0.66, 0.0030 mJ
-per image, 2.65 of 4 timesteps per token, 4m14s wall with compile. Runs are deterministic: the
+per image, 2.65 of 4 timesteps per token, 4m40s wall with compile (a niced training beside
+it). Runs are deterministic: the
 same code on the same machine gives the same numbers (the seed study's seed-0 run, trained with
 other jobs beside it, gave exactly these).
 The halting constants (gamma 3, alpha_p 5e-3) came from a sweep on this data: the defaults
