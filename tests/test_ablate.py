@@ -107,11 +107,8 @@ def test_restart_retrains_nothing(first_study, monkeypatch):
   assert again == lines
 
 
-def test_trained_but_unevaluated_row_is_only_evaluated(first_study, monkeypatch, tmp_path):
-  out, _ = first_study
-  copy = str(tmp_path / 'study')
-  shutil.copytree(out, copy)
-  os.remove(os.path.join(copy, 'sps-none', evaluate.EVAL_JSON))
+def _evaluations_only(monkeypatch):
+  """Fails on any training; returns the list that records which runs get evaluated."""
   calls = []
   real = evaluate.evaluate_run
 
@@ -122,6 +119,15 @@ def test_trained_but_unevaluated_row_is_only_evaluated(first_study, monkeypatch,
   monkeypatch.setattr(train_lib, 'train_and_evaluate',
                       lambda *a, **k: pytest.fail('retrained a finished run'))
   monkeypatch.setattr(evaluate, 'evaluate_run', counting)
+  return calls
+
+
+def test_trained_but_unevaluated_row_is_only_evaluated(first_study, monkeypatch, tmp_path):
+  out, _ = first_study
+  copy = str(tmp_path / 'study')
+  shutil.copytree(out, copy)
+  os.remove(os.path.join(copy, 'sps-none', evaluate.EVAL_JSON))
+  calls = _evaluations_only(monkeypatch)
   ablate.run_study(_base(), copy, _tiny_study())
   assert calls == ['sps-none']
   with open(os.path.join(copy, 'sps-none', evaluate.EVAL_JSON)) as f:
@@ -140,16 +146,7 @@ def test_row_evaluated_by_other_code_is_evaluated_again(first_study, monkeypatch
   stale['code_version'], stale['energy_mj'] = 'older-code', -1.0
   with open(path, 'w') as f:
     json.dump(stale, f)
-  calls = []
-  real = evaluate.evaluate_run
-
-  def counting(workdir, *args, **kwargs):
-    calls.append(os.path.basename(workdir))
-    return real(workdir, *args, **kwargs)
-
-  monkeypatch.setattr(train_lib, 'train_and_evaluate',
-                      lambda *a, **k: pytest.fail('retrained a finished run'))
-  monkeypatch.setattr(evaluate, 'evaluate_run', counting)
+  calls = _evaluations_only(monkeypatch)
   lines = ablate.run_study(_base(), copy, _tiny_study())
   assert calls == ['sps-none']
   with open(path) as f:
