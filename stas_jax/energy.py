@@ -18,7 +18,7 @@ Counting rules, per image:
     weights is its count, so a mean of T spikes that sums to v costs T * v, not v
     (`ModelSpec.spikes_per_unit`). The same network therefore costs the same energy whether
     I-SPS integrates by sum or by mean. The encoder input U of I-SPS, when it is a rate
-    (`isps.tail = 'multi_step'` or `integrate_at = 'sps_output'`), is presented at every
+    (`isps.tail` ends in 'multi_step' or `integrate_at = 'sps_output'`), is presented at every
     timestep and stays in the residual stream, so every block layer that reads the stream pays
     T * (its U part) + (the integer part added by the blocks); model.STAS reports U's
     per-token sums (`sps_stats['token_values']`) for this. No input of ours is any other
@@ -70,8 +70,10 @@ def _sps_layout(s: ModelSpec) -> Tuple[Dict[str, int], Dict[str, int]]:
   cells['rpe_lif'] = size * size * s.dim
   # LIF0 always runs T steps. Under I-SPS (first_lif) the tail runs once: its neurons fire
   # once (single_step, any_spike) or run T steps on a constant current (multi_step).
-  tail_steps = 1 if s.isps_once and s.isps.tail != 'multi_step' else s.timesteps
-  steps = {name: (s.timesteps if name == 'proj_lif' else tail_steps) for name in SPS_LIFS}
+  # Each tail LIF has its own mode (`ModelSpec.isps.tail_modes`).
+  steps = {'proj_lif': s.timesteps}
+  for name, mode in zip(SPS_LIFS[1:], s.isps.tail_modes):
+    steps[name] = 1 if s.isps_once and mode != 'multi_step' else s.timesteps
   return cells, steps
 
 

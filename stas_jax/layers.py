@@ -213,12 +213,12 @@ class SPS(nn.Module):
     """I-SPS integration over the leading time axis: `model.isps.reduce` (mean or sum)."""
     return jnp.sum(spikes, 0) if self.spec.isps.reduce == 'sum' else jnp.mean(spikes, 0)
 
-  def fire(self, current: jax.Array, steps: int) -> Tuple[jax.Array, jax.Array, int]:
+  def fire(self, current: jax.Array, steps: int, mode: str) -> Tuple[jax.Array, jax.Array, int]:
     """A tail stage's LIF on its BatchNorm output.
 
     With `steps` = T > 1 (SPS) time is folded into the leading axis and the LIF runs over it.
-    With `steps` = 1 (I-SPS, the conv ran once) the current is constant over time and
-    `model.isps.tail` says how the neuron turns it into the stage output:
+    With `steps` = 1 (I-SPS, the conv ran once) the current is constant over time and `mode`
+    (this stage's entry of `model.isps.tail`) says how the neuron turns it into the output:
       single_step: one LIF step from rest (fires for a current >= tau * v_th);
       any_spike: 1 where a T-step LIF on this current fires at least once (a current >=
         v_th / (1 - (1 - 1/tau) ** T)), else 0; the surrogate gradient flows through the T steps;
@@ -229,11 +229,11 @@ class SPS(nn.Module):
     """
     s = self.spec
     batch = current.shape[0] // steps
-    if steps > 1 or s.isps.tail == 'single_step':
+    if steps > 1 or mode == 'single_step':
       out = multistep_lif(current, steps, s.lif())
       return out, _image_sums(out, batch), 1
     spikes = neurons.lif_constant_input(current, s.timesteps, s.lif())
-    if s.isps.tail == 'any_spike':
+    if mode == 'any_spike':
       out = neurons.fired_any(spikes)
       return out, _image_sums(out, batch), 1
     return (self.integrate(spikes), _image_sums(spikes.reshape((-1,) + current.shape[1:]), batch),
@@ -261,14 +261,15 @@ class SPS(nn.Module):
               (self.proj_conv2, self.proj_bn2, 'proj_lif2', 'conv2_in'),
               (self.proj_conv3, self.proj_bn3, 'proj_lif3', 'conv3_in'))
     unit = x_spikes_per_unit
+    modes = self.spec.isps.tail_modes
     for i, (conv, bn, lif_name, in_name) in enumerate(stages, start=1):
       aux[in_name] = _image_sums(x, batch) * unit
-      x, aux[lif_name], unit = self.fire(bn(conv(x), train), steps)
+      x, aux[lif_name], unit = self.fire(bn(conv(x), train), steps, modes[i - 1])
       if self._pool_after(i):
         x = max_pool(x)
     feat = x
     aux['rpe_in'] = _image_sums(feat, batch) * unit
-    rpe, aux['rpe_lif'], _ = self.fire(self.rpe_bn(self.rpe_conv(feat), train), steps)
+    rpe, aux['rpe_lif'], _ = self.fire(self.rpe_bn(self.rpe_conv(feat), train), steps, modes[3])
     tokens = einops.rearrange(rpe + feat, 'b h w d -> b (h w) d')
     return tokens, aux
 

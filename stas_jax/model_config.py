@@ -5,7 +5,7 @@ unknown keys and impossible values with a message that says what is allowed.
 """
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Tuple
 
 from stas_jax import halting
 from stas_jax import neurons
@@ -15,6 +15,8 @@ PATCH_EMBEDS = ('sps', 'isps')
 ISPS_REDUCES = ('mean', 'sum')
 ISPS_INTEGRATE_AT = ('first_lif', 'sps_output')
 ISPS_TAILS = ('single_step', 'any_spike', 'multi_step')
+# The I-SPS tail's LIF layers, in order; `model.isps.tail` may name a mode for each.
+ISPS_TAIL_LIFS = ('proj_lif1', 'proj_lif2', 'proj_lif3', 'rpe_lif')
 DTYPES = ('float32', 'bfloat16')
 # jax.checkpoint_policies used with model.remat: recompute everything, or keep matmul outputs.
 REMAT_POLICIES = ('nothing_saveable', 'dots_saveable')
@@ -38,11 +40,20 @@ class ISPSSpec:
 
   tail: how the tail's neurons (after conv1-3 and the RPE conv, which run once) fire:
     'single_step' (one LIF step) | 'any_spike' (1 if T LIF steps on the constant current fire)
-    | 'multi_step' (the T steps' spikes integrated by `reduce`).
+    | 'multi_step' (the T steps' spikes integrated by `reduce`). One mode for the four tail LIFs,
+    or four comma-separated modes for LIF1, LIF2, LIF3 and the RPE LIF in turn (e.g.
+    'multi_step,single_step,single_step,single_step'); LIF3 and the RPE LIF, whose outputs add
+    up to the token map, must both be multi_step or both not.
   """
   reduce: str = 'mean'            # 'mean' | 'sum' over the T spikes of the first LIF
   integrate_at: str = 'first_lif'  # 'first_lif' | 'sps_output'
-  tail: str = 'single_step'       # 'single_step' | 'any_spike' | 'multi_step'
+  tail: str = 'single_step'       # 'single_step' | 'any_spike' | 'multi_step', or 4 of them
+
+  @property
+  def tail_modes(self) -> Tuple[str, ...]:
+    """The mode of each tail LIF (`ISPS_TAIL_LIFS` order)."""
+    modes = tuple(m.strip() for m in self.tail.split(','))
+    return modes * len(ISPS_TAIL_LIFS) if len(modes) == 1 else modes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +157,7 @@ class ModelSpec:
     """Spikes in one unit of the encoder input U (1 when U holds spike counts or spikes)."""
     if self.patch_embed != 'isps':
       return 1
-    if self.isps.integrate_at == 'sps_output' or self.isps.tail == 'multi_step':
+    if self.isps.integrate_at == 'sps_output' or self.isps.tail_modes[-1] == 'multi_step':
       return self.spikes_per_unit
     return 1
 
@@ -187,12 +198,24 @@ def spec_from_config(cfg) -> ModelSpec:
   return spec
 
 
+def _validate_tail(isps: ISPSSpec):
+  modes = isps.tail_modes
+  if len(modes) != len(ISPS_TAIL_LIFS):
+    raise ValueError(f'model.isps.tail={isps.tail!r}: give one mode or {len(ISPS_TAIL_LIFS)} '
+                     f'comma-separated modes (for {", ".join(ISPS_TAIL_LIFS)})')
+  for mode in modes:
+    _choice(mode, ISPS_TAILS, 'model.isps.tail')
+  if (modes[2] == 'multi_step') != (modes[3] == 'multi_step'):
+    raise ValueError(f'model.isps.tail={isps.tail!r}: proj_lif3 and rpe_lif add up to the token '
+                     'map, so they must both be multi_step (a spike count) or both not (spikes)')
+
+
 def _validate(s: ModelSpec):
   _choice(s.geometry, GEOMETRIES, 'model.geometry')
   _choice(s.patch_embed, PATCH_EMBEDS, 'model.patch_embed')
   _choice(s.isps.reduce, ISPS_REDUCES, 'model.isps.reduce')
   _choice(s.isps.integrate_at, ISPS_INTEGRATE_AT, 'model.isps.integrate_at')
-  _choice(s.isps.tail, ISPS_TAILS, 'model.isps.tail')
+  _validate_tail(s.isps)
   _choice(s.halt.mode, halting.MODES, 'model.halt.mode')
   _choice(s.neuron.surrogate, neurons.SURROGATES, 'model.neuron.surrogate')
   _choice(s.dtype, DTYPES, 'model.dtype')

@@ -154,6 +154,13 @@ def test_hand_counted_isps_layout():
   out = energy.estimate(tiny_aux(), dict(isps, isps={'integrate_at': 'sps_output'}))
   for name, want in HAND_SPS_RATES.items():
     np.testing.assert_allclose(out['firing_rates'][name], want, rtol=1e-6, err_msg=name)
+  # A per-stage tail: LIF1 and LIF2 run T = 2 steps (multi_step), LIF3 and the RPE LIF once.
+  mixed = dict(isps, isps={'tail': 'multi_step,multi_step,single_step,single_step'})
+  out = energy.estimate(tiny_aux(), mixed)
+  want = dict(HAND_ISPS_RATES, **{k: HAND_SPS_RATES[k] for k in
+                                   ('patch_embed.proj_lif1', 'patch_embed.proj_lif2')})
+  for name, value in want.items():
+    np.testing.assert_allclose(out['firing_rates'][name], value, rtol=1e-6, err_msg=name)
 
 
 def test_rate_valued_encoder_input_costs_its_spikes():
@@ -303,7 +310,8 @@ def test_rates_and_token_usage(which, request):
 # ---------------------------------------------------------------------------------------------
 # 5. The counting rule: the same network costs the same whichever way I-SPS integrates.
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize('tail', ['single_step', 'any_spike', 'multi_step'])
+@pytest.mark.parametrize('tail', ['single_step', 'any_spike', 'multi_step',
+                                  'multi_step,multi_step,single_step,single_step'])
 def test_mean_and_sum_integration_cost_the_same(tail, variables, images):
   """Mean and sum differ by the factor T, which the next BatchNorm removes (eps ~ 0), so both
   models are one network: their patch embeddings must cost the same; with a binary tail the
@@ -319,5 +327,5 @@ def test_mean_and_sum_integration_cost_the_same(tail, variables, images):
   np.testing.assert_allclose(mean['energy_split_mj']['patch_embed'],
                              summed['energy_split_mj']['patch_embed'], rtol=1e-5)
   assert np.all(np.asarray(mean['sops']['patch_embed.proj_conv1']) > 0)
-  if tail != 'multi_step':
+  if not tail.endswith('multi_step'):
     np.testing.assert_allclose(mean['energy_mj'], summed['energy_mj'], rtol=1e-5)

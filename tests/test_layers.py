@@ -79,13 +79,13 @@ def test_isps_tail_neurons_on_constant_currents(tail, reduce, want, spikes, unit
   spec = model_config.spec_from_config(
       dict(patch_embed='isps', timesteps=4, isps=dict(tail=tail, reduce=reduce)))
   current = jnp.array([[3.0, 1.5, 1.2, 1.05]], jnp.float32)      # one image, four neurons
-  out, count, per_unit = layers.SPS(spec).apply({}, current, 1, method=layers.SPS.fire)
+  out, count, per_unit = layers.SPS(spec).apply({}, current, 1, tail, method=layers.SPS.fire)
   np.testing.assert_allclose(np.asarray(out), [want], rtol=1e-7)
   np.testing.assert_array_equal(np.asarray(count), [spikes])
   assert per_unit == unit
   # The SPS (time folded into the batch, T = 4 rows) runs the ordinary multi-step LIF.
   seq = jnp.broadcast_to(current, (4, 4)).reshape(4, 4)
-  out, count, per_unit = layers.SPS(spec).apply({}, seq, 4, method=layers.SPS.fire)
+  out, count, per_unit = layers.SPS(spec).apply({}, seq, 4, tail, method=layers.SPS.fire)
   np.testing.assert_array_equal(np.asarray(out).T, [[1, 1, 1, 1], [0, 1, 0, 1], [0, 0, 1, 0],
                                                    [0, 0, 0, 0]])
   assert per_unit == 1 and int(count[0]) == 7

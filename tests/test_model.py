@@ -63,6 +63,9 @@ def test_wrong_image_shape_is_a_clear_error(shape, match):
     ({'patch_size': 6}, 'patch size'),
     ({'heads': 5}, 'divisible'),
     ({'neuron.surrogate': 'relu'}, 'surrogate'),
+    ({'isps.tail': 'multi_step,single_step'}, 'one mode or 4 comma-separated'),
+    ({'isps.tail': 'multi_step,single_step,single_step,any_step'}, "'any_step' is not valid"),
+    ({'isps.tail': 'single_step,single_step,multi_step,single_step'}, 'both be multi_step'),
 ])
 def test_bad_config_values_are_clear_errors(override, match):
   with pytest.raises(ValueError, match=match):
