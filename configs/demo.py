@@ -39,6 +39,9 @@ def get_config():
   m.heads = 4
   m.timesteps = 4
   m.patch_embed = 'isps'
+  # LIF1 passes its 4-step spike count to conv2; LIF2, LIF3 and the RPE LIF fire once, so the
+  # token map stays binary (README "Studies": the all-single-step tail cost the accuracy).
+  m.isps.tail = 'multi_step,single_step,single_step,single_step'
   m.halt.mode = 'spatiotemporal'
   m.halt.gamma = 3.0
   m.halt.alpha_p = 5e-3
