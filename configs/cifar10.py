@@ -10,8 +10,10 @@ weight decay 0.06, cosine to 1e-5 after 20 warm-up epochs, label smoothing 0.1, 
 epoch 200, random crop (pad 4) + flip. Spikformer's RandAugment and random erasing are not
 implemented. Expected: about the Spikformer-4-384 baseline's 95.19% top-1
 (configs/cifar10_spikformer.py) with fewer active tokens and less energy per image (the STAS
-paper reports 45.9% less energy on CIFAR-10). On the offline demo data our STAS trails its
-Spikformer by 2.4 points for 56% less energy (README "Studies"), so expect a gap. Not yet run:
+paper reports 45.9% less energy on CIFAR-10). On the offline demo data STAS with this
+config's single-step I-SPS tail trails its Spikformer by 2.4 points for 55% less energy, and
+with the demo's tail (--config.model.isps.tail=multi_step,single_step,single_step,single_step)
+by 1.2 points for 45% less (README "Studies"), so expect a gap. Not yet run:
 no CIFAR data on the development machine.
 """
 from configs import default

