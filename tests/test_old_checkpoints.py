@@ -72,6 +72,13 @@ def _assert_same_state(got, want, message='', exact=True):
                                  err_msg=msg)
 
 
+# Seen on an AMD EPYC (2026-12-03): the fixture's first 4 steps differ there by far more than
+# float32 noise (a spike that flips amplifies a last-bit difference), at the commit whose CI
+# passed on another CPU too. There the fixture cannot tell a code change from XLA:CPU's order.
+_OTHER_CPU = ('this CPU does not reproduce the fixture bit for bit (XLA:CPU numerics), and '
+              'spiking amplifies the difference; regenerate the fixture here to check resume.')
+
+
 def _same_numerics(uninterrupted, config) -> bool:
   """Whether this machine takes the fixture's first steps bit for bit. XLA:CPU may compute in
   another order on another CPU (CI's can differ from the one that made the fixture); there the
@@ -154,6 +161,8 @@ def test_resumed_old_run_equals_uninterrupted_run(resumed_and_uninterrupted):
   assert [r for r in got if {k: r[k] for k in old_end} == old_end] == _records(FIXTURE)[-1:]
   config = _config(MORE_STEPS)
   exact = _same_numerics(uninterrupted, config)
+  if not exact:
+    pytest.skip(_OTHER_CPU)
   _assert_same_records([r for r in got if {k: r[k] for k in old_end} != old_end], want, exact)
   assert [r['step'] for r in want if r['kind'] == 'train'] == [2, 4, 6, 8]
   _assert_same_state(_saved_state(resumed, MORE_STEPS, config),
@@ -164,6 +173,8 @@ def test_old_steps_are_the_steps_todays_code_takes(resumed_and_uninterrupted):
   """Tells a changed model, optimiser or data pipeline from a broken resume."""
   _, uninterrupted, _ = resumed_and_uninterrupted
   config = _config(MORE_STEPS)
+  if not _same_numerics(uninterrupted, config):
+    pytest.skip(_OTHER_CPU)
   _assert_same_state(
       _saved_state(uninterrupted, OLD_STEPS, config), _saved_state(FIXTURE, OLD_STEPS, config),
       exact=False, message=(
