@@ -1,5 +1,4 @@
-"""Run directories written by older stas-jax still restore and resume exactly (on the machine
-that made the fixture; to float32 noise where XLA:CPU computes differently).
+"""Run directories written by older stas-jax still restore and resume exactly.
 
 tests/fixtures/old_run is a 4-step smoke run from commit 5096341 (README.md there), whose
 checkpoints keep the data-iterator positions in meta['data_iterator_states'] rather than in a
@@ -7,7 +6,9 @@ grain `data` item.
 """
 import json
 import os
+import re
 import shutil
+from typing import Optional
 
 import jax
 import numpy as np
@@ -58,48 +59,45 @@ def _saved_state(workdir, step, config):
   return state
 
 
-def _assert_same_state(got, want, message='', exact=True):
-  """Equal leaves: bit for bit, or (`exact` False) to float32 noise."""
+def _assert_same_state(got, want, message=''):
+  """Equal leaves, bit for bit."""
   got_leaves = jax.tree_util.tree_leaves_with_path(got)
   want_leaves = jax.tree_util.tree_leaves_with_path(want)
   assert [p for p, _ in got_leaves] == [p for p, _ in want_leaves]
   for (path, a), (_, b) in zip(got_leaves, want_leaves):
-    msg = f'{jax.tree_util.keystr(path)} {message}'
-    if exact:
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=msg)
-    else:
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6,
-                                 err_msg=msg)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                  err_msg=f'{jax.tree_util.keystr(path)} {message}')
 
 
-# Seen on an AMD EPYC (2026-12-03): the fixture's first 4 steps differ there by far more than
-# float32 noise (a spike that flips amplifies a last-bit difference), at the commit whose CI
-# passed on another CPU too. There the fixture cannot tell a code change from XLA:CPU's order.
-_OTHER_CPU = ('this CPU does not reproduce the fixture bit for bit (XLA:CPU numerics), and '
-              'spiking amplifies the difference; regenerate the fixture here to check resume.')
+def _cpu() -> Optional[dict]:
+  """What decides XLA:CPU's float32 results here: the CPU's identity and vector extensions
+  (XLA compiles for the host CPU). None where /proc/cpuinfo cannot be read."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      text = f.read().split('\n\n')[0]
+  except OSError:
+    return None
+  fields = dict(line.split(':', 1) for line in text.splitlines() if ':' in line)
+  fields = {k.strip(): v.strip() for k, v in fields.items()}
+  simd = sorted(f for f in fields.get('flags', '').split()
+                if re.match(r'(sse|avx|fma|f16c|amx)', f))
+  return {'vendor_id': fields.get('vendor_id'), 'cpu family': fields.get('cpu family'),
+          'model': fields.get('model'), 'simd': simd}
 
 
-def _same_numerics(uninterrupted, config) -> bool:
-  """Whether this machine takes the fixture's first steps bit for bit. XLA:CPU may compute in
-  another order on another CPU (CI's can differ from the one that made the fixture); there the
-  comparisons below hold to float32 noise instead of exactly."""
-  got = jax.tree.leaves(_saved_state(uninterrupted, OLD_STEPS, config))
-  want = jax.tree.leaves(_saved_state(FIXTURE, OLD_STEPS, config))
-  return all(np.array_equal(a, b) for a, b in zip(got, want))
+def _reproduces_fixture() -> bool:
+  """Whether this CPU is one on which the fixture's steps were seen to be today's, bit for bit
+  (reproduced_on.json). Elsewhere XLA:CPU may sum in another order, and a spike that flips
+  amplifies a last-bit difference far past float32 noise (seen on an AMD EPYC, 2026-12-03):
+  there the fixture cannot tell a code change from the CPU, and the two tests that compare
+  with its numbers skip. The format tests and the resume test below run everywhere."""
+  with open(os.path.join(FIXTURE, 'reproduced_on.json')) as f:
+    return _cpu() in json.load(f)['cpus']
 
 
-def _assert_same_records(got, want, exact):
-  assert [(r['step'], r['kind'], sorted(r)) for r in got] == [
-      (r['step'], r['kind'], sorted(r)) for r in want]
-  if exact:
-    assert got == want
-    return
-  for g, w in zip(got, want):
-    for key, value in w.items():
-      if isinstance(value, float):
-        # An untrained model's top-5 has near-ties that float noise may flip for an image.
-        atol = 2 / 1000 if key.startswith('eval/top') else 1e-6
-        np.testing.assert_allclose(g[key], value, rtol=1e-4, atol=atol, err_msg=key)
+_OTHER_CPU = ('this CPU is not in tests/fixtures/old_run/reproduced_on.json, so the fixture '
+              "cannot tell a code change from XLA:CPU's numerics here (see its README.md to "
+              'add a CPU).')
 
 
 def test_fixture_is_what_it_claims():
@@ -139,45 +137,79 @@ def test_restore_latest_restores_state_and_iterator_position(tmp_path):
       np.testing.assert_array_equal(got[key], want[key])
 
 
+def _today_format_copy(old_dir, new_dir, config):
+  """`old_dir` with its last step rewritten by today's Checkpointer: the same state and meta,
+  and the position after that many batches (found by taking them, not by reading
+  meta['data_iterator_states']) in a grain `data` item."""
+  shutil.copytree(old_dir, new_dir, ignore=shutil.ignore_patterns('checkpoints'))
+  with checkpoint.Checkpointer(os.path.join(old_dir, 'checkpoints')) as old:
+    state, meta, step = old.restore_latest(_fresh_state(config))
+  iterator = input_pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
+  for _ in range(step):
+    next(iterator)
+  meta = {k: v for k, v in meta.items() if k != 'data_iterator_states'}
+  with checkpoint.Checkpointer(os.path.join(new_dir, 'checkpoints')) as new:
+    new.save(step, state, meta, data_iterator=iterator, force=True)
+  assert os.path.isdir(os.path.join(new_dir, 'checkpoints', str(step), 'data'))
+
+
 @pytest.fixture(scope='module')
-def resumed_and_uninterrupted(tmp_path_factory):
-  """The fixture trained on to MORE_STEPS by today's code, and a fresh run to MORE_STEPS."""
+def resumed_runs(tmp_path_factory):
+  """Trained on to MORE_STEPS by today's code: the fixture, the fixture in today's checkpoint
+  format, and (on a CPU that reproduces the fixture) a fresh run."""
   root = tmp_path_factory.mktemp('old_run')
-  resumed, uninterrupted = str(root / 'resumed'), str(root / 'uninterrupted')
-  shutil.copytree(FIXTURE, resumed)
+  runs = {name: str(root / name) for name in ('resumed', 'today_format', 'uninterrupted')}
+  shutil.copytree(FIXTURE, runs['resumed'])
   config = _config(MORE_STEPS)
-  with persistent_compilation_cache(str(root / 'jax_cache')):  # the second run compiles nothing
-    summary = train_lib.train_and_evaluate(config, resumed)
-    train_lib.train_and_evaluate(config, uninterrupted)
-  return resumed, uninterrupted, summary
+  _today_format_copy(FIXTURE, runs['today_format'], config)
+  summaries = {}
+  with persistent_compilation_cache(str(root / 'jax_cache')):  # later runs compile nothing
+    for name in ('resumed', 'today_format'):
+      summaries[name] = train_lib.train_and_evaluate(config, runs[name])
+    if _reproduces_fixture():
+      train_lib.train_and_evaluate(config, runs['uninterrupted'])
+  return runs, summaries
 
 
-def test_resumed_old_run_equals_uninterrupted_run(resumed_and_uninterrupted):
-  resumed, uninterrupted, summary = resumed_and_uninterrupted
-  assert summary['start_step'] == OLD_STEPS and summary['step'] == MORE_STEPS
-  got, want = _records(resumed), _records(uninterrupted)
+def test_old_format_resumes_as_todays_format(resumed_runs):
+  """On any CPU: from the same state and iterator position, a step saved before checkpoints
+  had a `data` item trains on exactly as one saved today (and test_train checks that today's
+  format resumes as an uninterrupted run)."""
+  runs, summaries = resumed_runs
+  for summary in summaries.values():
+    assert summary['start_step'] == OLD_STEPS and summary['step'] == MORE_STEPS
+  got, want = _records(runs['resumed']), _records(runs['today_format'])
+  assert got[:len(_records(FIXTURE))] == _records(FIXTURE)
+  assert [r['step'] for r in got if r['kind'] == 'train'] == [2, 4, 6, 8]
+  assert got == want
+  config = _config(MORE_STEPS)
+  _assert_same_state(_saved_state(runs['resumed'], MORE_STEPS, config),
+                     _saved_state(runs['today_format'], MORE_STEPS, config))
+
+
+def test_resumed_old_run_equals_uninterrupted_run(resumed_runs):
+  runs, _ = resumed_runs
+  if not _reproduces_fixture():
+    pytest.skip(_OTHER_CPU)
+  got, want = _records(runs['resumed']), _records(runs['uninterrupted'])
   # The old run ended at OLD_STEPS and evaluated there; the uninterrupted one did not.
   old_end = {'step': OLD_STEPS, 'kind': 'eval'}
   assert [r for r in got if {k: r[k] for k in old_end} == old_end] == _records(FIXTURE)[-1:]
+  assert [r for r in got if {k: r[k] for k in old_end} != old_end] == want
   config = _config(MORE_STEPS)
-  exact = _same_numerics(uninterrupted, config)
-  if not exact:
-    pytest.skip(_OTHER_CPU)
-  _assert_same_records([r for r in got if {k: r[k] for k in old_end} != old_end], want, exact)
-  assert [r['step'] for r in want if r['kind'] == 'train'] == [2, 4, 6, 8]
-  _assert_same_state(_saved_state(resumed, MORE_STEPS, config),
-                     _saved_state(uninterrupted, MORE_STEPS, config), exact=exact)
+  _assert_same_state(_saved_state(runs['resumed'], MORE_STEPS, config),
+                     _saved_state(runs['uninterrupted'], MORE_STEPS, config))
 
 
-def test_old_steps_are_the_steps_todays_code_takes(resumed_and_uninterrupted):
+def test_old_steps_are_the_steps_todays_code_takes(resumed_runs):
   """Tells a changed model, optimiser or data pipeline from a broken resume."""
-  _, uninterrupted, _ = resumed_and_uninterrupted
-  config = _config(MORE_STEPS)
-  if not _same_numerics(uninterrupted, config):
+  runs, _ = resumed_runs
+  if not _reproduces_fixture():
     pytest.skip(_OTHER_CPU)
+  config = _config(MORE_STEPS)
   _assert_same_state(
-      _saved_state(uninterrupted, OLD_STEPS, config), _saved_state(FIXTURE, OLD_STEPS, config),
-      exact=False, message=(
+      _saved_state(runs['uninterrupted'], OLD_STEPS, config),
+      _saved_state(FIXTURE, OLD_STEPS, config), message=(
           "differs between the fixture and an uninterrupted run of today's code at the same "
-          'step by more than float32 noise: the model, the optimiser or the data changed; '
-          'regenerate the fixture (README.md there) if that was intended.'))
+          'step, on a CPU that reproduced the fixture: the model, the optimiser or the data '
+          'changed; regenerate the fixture (README.md there) if that was intended.'))
