@@ -48,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
   # With model.halt.soft_mask: the temperature decays linearly to 0 (hard mask) over this many
   # steps; -1 = the whole run, 0 = constant. Evaluation always uses the hard mask.
   config.halt_anneal_steps = 0
+  # Two-stage training: a run directory whose latest checkpoint gives this run's starting
+  # parameters and BatchNorm statistics (e.g. an I-SPS run without halting, then STAS on top);
+  # the optimiser state and the step start afresh. '' = a fresh initialisation.
+  config.init_from = ''
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 5e-4

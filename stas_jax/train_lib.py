@@ -202,6 +202,38 @@ def _restore(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer, s
   return strategy.put_state(host_state), progress, meta['metrics_lines']
 
 
+def _warm_start(config: ml_collections.ConfigDict, workdir: str, strategy,
+                state: steps.TrainState) -> steps.TrainState:
+  """`state` with the parameters and BatchNorm statistics of the latest checkpoint in
+  `config.init_from` (two-stage training); its step and optimiser state stay fresh."""
+  source = os.path.abspath(config.init_from)
+  ckpt_dir = os.path.join(source, 'checkpoints')
+  if source == os.path.abspath(workdir):
+    raise ValueError(f'config.init_from={config.init_from!r} is this run\'s own --workdir; '
+                     'point it at the run of the first stage.')
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(
+        f'config.init_from={config.init_from!r}: no checkpoints/ there; train the first stage '
+        'into that directory first (python train.py --workdir=DIR ...).')
+  fresh = strategy.get_state(state)
+  with checkpoint.Checkpointer(ckpt_dir, async_save=False) as source_ckpt:
+    try:
+      restored = source_ckpt.restore_latest(fresh)
+    except checkpoint.CheckpointError as e:
+      raise checkpoint.CheckpointError(
+          f'config.init_from={config.init_from!r}: {e}\nBoth stages need the same model '
+          'parameters and optimiser (model.dim, depth, heads, patch_embed, halt.learnable; '
+          'optim.*); halting without learnable parameters adds none.') from e
+  if restored is None:
+    raise FileNotFoundError(f'config.init_from={config.init_from!r}: {ckpt_dir} holds no '
+                            'checkpoint; train the first stage there first.')
+  trained, _, step = restored
+  logging.info('Initialised from step %d of %s (parameters and BatchNorm statistics).', step,
+               source)
+  return strategy.put_state(fresh.replace(params=trained.params,
+                                          batch_stats=trained.batch_stats))
+
+
 def _setup(config: ml_collections.ConfigDict, workdir: str):
   """Data, strategy, model, fresh state and the augmentation key of a run."""
   data = input_pipeline.create_datasets(config, process_index=jax.process_index(),
@@ -251,6 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                max_to_keep=config.keep_checkpoints,
                                async_save=jax.default_backend() != 'cpu') as ckpt:
     state, progress, resume_lines = _restore(config, ckpt, strategy, data, state)
+    if resume_lines is None and config.init_from:  # a resumed run keeps its own checkpoint
+      state = _warm_start(config, workdir, strategy, state)
     log = run_files.MetricsLog(workdir, jax.process_index() == 0, resume_lines, progress.step)
     run = _Run(config=config, workdir=workdir, data=data, strategy=strategy, ckpt=ckpt, log=log,
                aug_key=aug_key, total_steps=total_steps)

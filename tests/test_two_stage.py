@@ -1,0 +1,97 @@
+"""Two-stage training (`config.init_from`): a run that starts from another run's parameters."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import smoke
+from conftest import persistent_compilation_cache
+from stas_jax import checkpoint
+from stas_jax import train_lib
+
+
+def _config(**overrides):
+  config = smoke.get_config()
+  config.update_from_flattened_dict({'parallel': 'jit', 'num_train_steps': 2,
+                                     'checkpoint_every_steps': 2, **overrides})
+  return config
+
+
+def _setup(config, workdir):
+  """What train_and_evaluate builds before it restores: (data, strategy, fresh state)."""
+  os.makedirs(workdir)
+  data, strategy, state, _, _ = train_lib._setup(config, workdir)
+  return data, strategy, state
+
+
+def _latest(workdir, config):
+  """(state, step) of the newest checkpoint in `workdir`."""
+  _, strategy, state = _setup(config, str(workdir) + '_scratch')
+  with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints')) as ckpt:
+    restored, _, step = ckpt.restore_latest(strategy.get_state(state))
+  return restored, step
+
+
+def _equal(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope='module')
+def first_stage(tmp_path_factory):
+  """I-SPS without halting for 2 steps: the first stage of STAS's two-stage training."""
+  root = tmp_path_factory.mktemp('two_stage')
+  workdir = str(root / 'stage1')
+  with persistent_compilation_cache(str(root / 'jax_cache')):
+    train_lib.train_and_evaluate(_config(**{'model.halt.mode': 'none'}), workdir)
+  return workdir
+
+
+def test_second_stage_starts_from_first_stage_parameters(first_stage, tmp_path):
+  config = _config(init_from=first_stage)  # spatiotemporal halting on top
+  data, strategy, fresh = _setup(config, str(tmp_path / 'stage2'))
+  started = strategy.get_state(train_lib._warm_start(config, str(tmp_path / 'stage2'),
+                                                     strategy, fresh))
+  trained, step = _latest(first_stage, config)
+  fresh = strategy.get_state(fresh)
+  assert step == 2 and not _equal(trained.params, fresh.params)
+  assert _equal(started.params, trained.params)
+  assert _equal(started.batch_stats, trained.batch_stats)
+  assert int(started.step) == 0 and _equal(started.opt_state, fresh.opt_state)
+  other, _, _ = _setup(config, str(tmp_path / 'other'))
+  assert data.train_iter.get_state() == other.train_iter.get_state()  # its data from the start
+
+
+def test_second_stage_trains_and_resumes_from_its_own_checkpoint(first_stage, tmp_path):
+  workdir = str(tmp_path / 'stage2')
+  summary = train_lib.train_and_evaluate(_config(init_from=first_stage), workdir)
+  assert summary['start_step'] == 0 and summary['step'] == 2
+  assert np.isfinite(summary['train/loss']) and 0 < summary['eval/token_ratio'] <= 1
+  # Resumed, it goes on from its own step 2, not from the first stage again.
+  summary = train_lib.train_and_evaluate(
+      _config(init_from=first_stage, num_train_steps=4), workdir)
+  assert summary['start_step'] == 2 and summary['step'] == 4
+
+
+def test_missing_first_stage_fails_clearly(tmp_path):
+  config = _config(init_from=str(tmp_path / 'nowhere'))
+  with pytest.raises(FileNotFoundError, match='train the first stage'):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'stage2'))
+  os.makedirs(tmp_path / 'empty' / 'checkpoints')
+  with pytest.raises(FileNotFoundError, match='holds no checkpoint'):
+    train_lib.train_and_evaluate(_config(init_from=str(tmp_path / 'empty')),
+                                 str(tmp_path / 'stage2b'))
+
+
+def test_own_workdir_is_rejected(tmp_path):
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(ValueError, match="own --workdir"):
+    train_lib.train_and_evaluate(_config(init_from=workdir), workdir)
+
+
+def test_other_model_fails_clearly_and_keeps_the_first_stage(first_stage, tmp_path):
+  before = sorted(os.listdir(os.path.join(first_stage, 'checkpoints')))
+  with pytest.raises(checkpoint.CheckpointError, match='Both stages need the same model'):
+    train_lib.train_and_evaluate(_config(init_from=first_stage, **{'model.dim': 32}),
+                                 str(tmp_path / 'stage2'))
+  assert sorted(os.listdir(os.path.join(first_stage, 'checkpoints'))) == before
