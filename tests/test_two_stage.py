@@ -37,13 +37,19 @@ def _equal(a, b):
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent cache for the module: each run builds new jitted steps, and the runs
+  here share their shapes."""
+  with persistent_compilation_cache(str(tmp_path_factory.mktemp('jax_cache'))) as cache:
+    yield cache
+
+
 @pytest.fixture(scope='module')
 def first_stage(tmp_path_factory):
   """I-SPS without halting for 2 steps: the first stage of STAS's two-stage training."""
-  root = tmp_path_factory.mktemp('two_stage')
-  workdir = str(root / 'stage1')
-  with persistent_compilation_cache(str(root / 'jax_cache')):
-    train_lib.train_and_evaluate(_config(**{'model.halt.mode': 'none'}), workdir)
+  workdir = str(tmp_path_factory.mktemp('two_stage') / 'stage1')
+  train_lib.train_and_evaluate(_config(**{'model.halt.mode': 'none'}), workdir)
   return workdir
 
 
