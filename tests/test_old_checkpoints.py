@@ -69,6 +69,13 @@ def _assert_same_state(got, want, message=''):
                                   err_msg=f'{jax.tree_util.keystr(path)} {message}')
 
 
+def _assert_same_end(got_dir, want_dir):
+  """The two runs' states at MORE_STEPS are equal, bit for bit."""
+  config = _config(MORE_STEPS)
+  _assert_same_state(_saved_state(got_dir, MORE_STEPS, config),
+                     _saved_state(want_dir, MORE_STEPS, config))
+
+
 def _cpu() -> Optional[dict]:
   """What decides XLA:CPU's float32 results here: the CPU's identity and vector extensions
   (XLA compiles for the host CPU). None where /proc/cpuinfo cannot be read."""
@@ -182,9 +189,7 @@ def test_old_format_resumes_as_todays_format(resumed_runs):
   assert got[:len(_records(FIXTURE))] == _records(FIXTURE)
   assert [r['step'] for r in got if r['kind'] == 'train'] == [2, 4, 6, 8]
   assert got == want
-  config = _config(MORE_STEPS)
-  _assert_same_state(_saved_state(runs['resumed'], MORE_STEPS, config),
-                     _saved_state(runs['today_format'], MORE_STEPS, config))
+  _assert_same_end(runs['resumed'], runs['today_format'])
 
 
 def test_resumed_old_run_equals_uninterrupted_run(resumed_runs):
@@ -196,9 +201,7 @@ def test_resumed_old_run_equals_uninterrupted_run(resumed_runs):
   old_end = {'step': OLD_STEPS, 'kind': 'eval'}
   assert [r for r in got if {k: r[k] for k in old_end} == old_end] == _records(FIXTURE)[-1:]
   assert [r for r in got if {k: r[k] for k in old_end} != old_end] == want
-  config = _config(MORE_STEPS)
-  _assert_same_state(_saved_state(runs['resumed'], MORE_STEPS, config),
-                     _saved_state(runs['uninterrupted'], MORE_STEPS, config))
+  _assert_same_end(runs['resumed'], runs['uninterrupted'])
 
 
 def test_old_steps_are_the_steps_todays_code_takes(resumed_runs):
