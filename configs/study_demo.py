@@ -8,12 +8,16 @@ Commands (README "Studies"):
   python -m stas_jax.ablate --config=configs/demo.py --study_config=configs/study_demo.py \
       --out=runs/study                                       # the whole grid, 24 runs
 
-Rerunning reuses the finished runs, so the second command adds the 9 runs the first lacks.
-Measured (2-core CPU, 2026-12-03, the first command, 15 runs): Spikformer (sps-none) 98.37 +-
-0.12 % at 7.04 +- 0.31 uJ per image; STAS (isps-spatiotemporal, the demo's tail) 97.13 +- 0.68 %
-at 3.90 +- 0.19 uJ (44.5 % less energy, 1.2 points less accurate); isps-none 97.77 +- 0.38 % at
-5.17 uJ; the rest in the README table. An I-SPS run takes about 6 minutes with its evaluation
-alone on the machine, an SPS run about 20 (its patch-embedding tail runs T times).
+Rerunning reuses the finished runs, so the second command adds the 9 runs the first lacks
+(`--study_config.run_plots=False` skips each run's own figures, minutes per SPS run).
+Measured (2-core CPUs, 2026-12-03, all 24 runs; the first command on an AMD EPYC, the 9 SPS
+runs with halting on an Intel Xeon, in another --out with --rows=sps-spatial,sps-temporal,
+sps-spatiotemporal --study_config.run_plots=False): Spikformer (sps-none) 98.37 +- 0.12 % at 7.04 +- 0.31 uJ
+per image; STAS (isps-spatiotemporal, the demo's tail) 97.13 +- 0.68 % at 3.90 +- 0.19 uJ (44.5 %
+less energy, 1.2 points less accurate); sps-spatiotemporal 97.53 +- 0.74 % at 5.18 uJ (26.4 %
+less, 0.8 points down); the rest in the README table. On the Xeon an SPS run trains in about
+9.5 minutes and an I-SPS run in about 4, alone on the machine; on the EPYC an SPS run took
+about 20 minutes with its figures.
 """
 from stas_jax import ablate
 
