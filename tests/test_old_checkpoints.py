@@ -154,7 +154,7 @@ def _today_format_copy(old_dir, new_dir, config):
   iterator = input_pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
   for _ in range(step):
     next(iterator)
-  meta = {k: v for k, v in meta.items() if k != 'data_iterator_states'}
+  meta = {k: v for k, v in meta.items() if k != checkpoint._LEGACY_DATA_KEY}
   with checkpoint.Checkpointer(os.path.join(new_dir, 'checkpoints')) as new:
     new.save(step, state, meta, data_iterator=iterator, force=True)
   assert os.path.isdir(os.path.join(new_dir, 'checkpoints', str(step), 'data'))

@@ -25,11 +25,10 @@ def _setup(config, workdir):
   return data, strategy, state
 
 
-def _latest(workdir, config):
-  """(state, step) of the newest checkpoint in `workdir`."""
-  _, strategy, state = _setup(config, str(workdir) + '_scratch')
+def _latest(workdir, target):
+  """(state, step) of the newest checkpoint in `workdir`, in the structure of `target`."""
   with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints')) as ckpt:
-    restored, _, step = ckpt.restore_latest(strategy.get_state(state))
+    restored, _, step = ckpt.restore_latest(target)
   return restored, step
 
 
@@ -58,8 +57,8 @@ def test_second_stage_starts_from_first_stage_parameters(first_stage, tmp_path):
   data, strategy, fresh = _setup(config, str(tmp_path / 'stage2'))
   started = strategy.get_state(train_lib._warm_start(config, str(tmp_path / 'stage2'),
                                                      strategy, fresh))
-  trained, step = _latest(first_stage, config)
   fresh = strategy.get_state(fresh)
+  trained, step = _latest(first_stage, fresh)
   assert step == 2 and not _equal(trained.params, fresh.params)
   assert _equal(started.params, trained.params)
   assert _equal(started.batch_stats, trained.batch_stats)
