@@ -9,6 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 
 MODES = ('none', 'spatial', 'temporal', 'spatiotemporal')
+# The distribution prior's two forms (`model.halt.prior`, spec section 6): 'act_weight' puts a
+# Gaussian over the raster order of the scoring cells on the per-cell ACT weight; 'avit' is
+# A-ViT's form: the per-cell mean of the raw halting score h, with a Gaussian over the
+# timesteps on the last-block cells (zero target elsewhere).
+PRIORS = ('act_weight', 'avit')
 
 
 class HaltState(NamedTuple):
@@ -168,27 +173,54 @@ def gaussian_target(num_cells: int, centre: float, sigma: float) -> jax.Array:
   return g / jnp.sum(g)
 
 
-def halting_distribution(cell_weights: jax.Array, cells: jax.Array) -> jax.Array:
-  """Batch-and-token mean of the per-cell ACT mass over the scoring cells, normalised, clipped.
+def halting_distribution(cell_values: jax.Array, cells: jax.Array) -> jax.Array:
+  """Batch-and-token mean of a per-cell quantity over the scoring cells, normalised, clipped.
 
   Args:
-    cell_weights: ACT weight per cell (T, L, B, N).
+    cell_values: (T, L, B, N): the ACT weight per cell (prior 'act_weight') or the raw halting
+      score h per cell (prior 'avit').
     cells: (T, L) static bool scoring cells (see `scoring_cells`).
 
   Returns:
     p over the scoring cells in raster order, shape (num scoring cells,).
   """
-  per_cell = jnp.mean(cell_weights, axis=(2, 3)).reshape(-1)
+  per_cell = jnp.mean(cell_values, axis=(2, 3)).reshape(-1)
   p = per_cell[np.flatnonzero(np.asarray(cells))]
   p = p / jnp.maximum(jnp.sum(p), 1e-12)
   return jnp.clip(p, 0.01, 0.99)
 
 
-def distribution_prior_loss(cell_weights: jax.Array, cells: np.ndarray, centre: float,
-                            sigma: float) -> jax.Array:
-  """KL(target || p) between the Gaussian prior and the halting distribution."""
-  p = halting_distribution(cell_weights, cells)
-  target = gaussian_target(p.shape[0], centre, sigma)
+def prior_target(cells: np.ndarray, prior: str, centre: float, sigma: float) -> jax.Array:
+  """The prior's target over the scoring cells in raster order (see `PRIORS`).
+
+  'act_weight': `gaussian_target` over the scoring cells, centred at centre * (their number).
+  'avit': `gaussian_target` over the T timesteps, centred at centre * T, on the cells of the
+  last block; the other scoring cells get target 0.
+  """
+  cells = np.asarray(cells)
+  flat = np.flatnonzero(cells)
+  if prior == 'act_weight':
+    return gaussian_target(flat.size, centre, sigma)
+  if prior != 'avit':
+    raise ValueError(f'unknown distribution prior {prior!r}; choose one of {PRIORS}')
+  timesteps, depth = cells.shape
+  on_grid = jnp.zeros((timesteps, depth)).at[:, depth - 1].set(
+      gaussian_target(timesteps, centre, sigma))
+  return on_grid.reshape(-1)[flat]
+
+
+def distribution_prior_loss(cell_values: jax.Array, cells: np.ndarray, centre: float,
+                            sigma: float, prior: str = 'act_weight') -> jax.Array:
+  """KL(target || p) between the prior's target and the distribution of `cell_values`.
+
+  Args:
+    cell_values: (T, L, B, N) ACT weights ('act_weight') or raw halting scores ('avit').
+    cells: (T, L) static bool scoring cells.
+    centre, sigma: the Gaussian's centre (a fraction, see `prior_target`) and width.
+    prior: one of `PRIORS`.
+  """
+  p = halting_distribution(cell_values, cells)
+  target = prior_target(cells, prior, centre, sigma)
   return jnp.sum(target * (jnp.log(jnp.maximum(target, 1e-12)) - jnp.log(p)))
 
 

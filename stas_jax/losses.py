@@ -22,7 +22,8 @@ def halt_loss_terms(aux: Dict, spec: ModelSpec) -> Dict[str, jax.Array]:
   """The two halting losses, unweighted, from what the model returned.
 
   Args:
-    aux: the model's aux dict: `ponder` rho (B, N) and `cell_weight` (T, L, B, N).
+    aux: the model's aux dict: `ponder` rho (B, N) and `cell_weight` (T, L, B, N), and with
+      `model.halt.prior = 'avit'` (and halting on) `cell_score` (T, L, B, N).
     spec: the model spec (grid size, prior in `spec.halt`).
 
   Returns:
@@ -30,10 +31,12 @@ def halt_loss_terms(aux: Dict, spec: ModelSpec) -> Dict[str, jax.Array]:
   """
   hp = spec.halt
   cells = halting.scoring_cells(hp.mode, spec.timesteps, spec.depth)
+  prior = hp.prior if hp.mode != 'none' else 'act_weight'
+  values = aux['cell_score'] if prior == 'avit' else aux['cell_weight']
   return {
       'ponder': halting.ponder_loss(aux['ponder'], spec.timesteps, spec.depth),
       'distribution': halting.distribution_prior_loss(
-          aux['cell_weight'], cells, hp.target_cell, hp.target_sigma),
+          values, cells, hp.target_cell, hp.target_sigma, prior),
   }
 
 

@@ -35,6 +35,8 @@ class EncoderCell(nn.Module):
         z, active, mem)
     hs, weight = halting.cell_update(hp, hs, z_out, t, l, s.timesteps, s.depth, *halt_params)
     ys = {'active': active, 'weight': weight, 'stats': stats}
+    if hp.mode != 'none' and hp.prior == 'avit':
+      ys['score'] = halting.halting_score(z_out, halt_params[0], halt_params[1], hp.channel)
     if self.capture:
       ys['z_in'] = z
       ys['z_out'] = z_out
@@ -107,6 +109,8 @@ class STAS(nn.Module):
     active (T, L, B, N): mask in effect when block l ran at timestep t.
     cell_weight (T, L, B, N): ACT weight each cell's output got in the readout.
     ponder (B, N): ponder cost rho (`stas_jax.losses` turns it and cell_weight into the losses).
+    cell_score (T, L, B, N): the raw halting score h of every token at every cell, only with
+      halting on and `model.halt.prior = 'avit'` (that prior's input).
     block_stats: {name: (T, L, B)} input sums and spike counts per block layer.
     sps_stats: {name: (B,)} input sums and spike counts of the patch embedding, and
       token_values (T, B, N) (see `embed`).
@@ -197,6 +201,8 @@ class STAS(nn.Module):
     hs, ys = self.encoder(u, (gamma, beta, temperature), train=train, capture=capture)
     logits = self.classify(hs.out)
     aux = forward_aux(ys['active'], ys['weight'], hs.rho, ys['stats'], sps_aux, embed=u)
+    if 'score' in ys:
+      aux['cell_score'] = ys['score']
     if capture:
       aux['block_inputs'] = ys['z_in']
       aux['block_outputs'] = ys['z_out']

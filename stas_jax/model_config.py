@@ -67,7 +67,9 @@ class HaltSpec:
   learnable: bool = False
   soft_mask: bool = False         # differentiable relaxation of the halting mask (studies)
   soft_temperature: float = 0.05  # soft-mask temperature at step 0 (see config.halt_anneal_steps)
-  target_cell: float = 0.75       # centre of the Gaussian prior, as a fraction of the T*L cells
+  prior: str = 'act_weight'       # 'act_weight' (spec section 6) | 'avit' (A-ViT's form)
+  target_cell: float = 0.75       # centre of the Gaussian prior: fraction of the T*L cells, or of
+                                  # the T timesteps with prior 'avit'
   target_sigma: float = 1.0
   alpha_p: float = 5e-4           # ponder loss weight
   alpha_d: float = 0.1            # distribution-prior loss weight
@@ -217,6 +219,7 @@ def _validate(s: ModelSpec):
   _choice(s.isps.integrate_at, ISPS_INTEGRATE_AT, 'model.isps.integrate_at')
   _validate_tail(s.isps)
   _choice(s.halt.mode, halting.MODES, 'model.halt.mode')
+  _choice(s.halt.prior, halting.PRIORS, 'model.halt.prior')
   _choice(s.neuron.surrogate, neurons.SURROGATES, 'model.neuron.surrogate')
   _choice(s.dtype, DTYPES, 'model.dtype')
   _choice(s.remat_policy, REMAT_POLICIES, 'model.remat_policy')

@@ -91,6 +91,58 @@ def test_losses_by_hand():
   assert float(halting.distribution_prior_loss(wrong, cells, 0.4, 1.0)) > 1.0
 
 
+def test_avit_prior_target_by_hand():
+  # T = 2, L = 2, every cell scored: Gaussian over the timesteps (mu = 0.5 * 2 = 1) on the
+  # last-block cells (raster indices 1 and 3), zero on the first-block cells.
+  g = np.exp(-0.5 * (np.arange(2) - 1.0) ** 2)
+  g = g / g.sum()
+  target = halting.prior_target(np.ones((2, 2), bool), 'avit', 0.5, 1.0)
+  np.testing.assert_allclose(np.asarray(target), [0.0, g[0], 0.0, g[1]], rtol=1e-6)
+  # Temporal mode scores only the last block: the target is the Gaussian over timesteps.
+  cells = halting.scoring_cells('temporal', 2, 2)
+  np.testing.assert_allclose(np.asarray(halting.prior_target(cells, 'avit', 0.5, 1.0)), g,
+                             rtol=1e-6)
+  # The ACT-weight form is unchanged: a Gaussian over all four cells, mu = 2.
+  want = np.exp(-0.5 * (np.arange(4) - 2.0) ** 2)
+  np.testing.assert_allclose(
+      np.asarray(halting.prior_target(np.ones((2, 2), bool), 'act_weight', 0.5, 1.0)),
+      want / want.sum(), rtol=1e-6)
+  with pytest.raises(ValueError, match='avit'):
+    halting.prior_target(np.ones((2, 2), bool), 'vit', 0.5, 1.0)
+
+
+def test_avit_prior_loss_by_hand():
+  # Per-cell mean scores 0.1, 0.2 (t = 0) and 0.3, 0.4 (t = 1): p = (0.1, 0.2, 0.3, 0.4);
+  # KL(target || p) = sum over the last-block cells of g (log g - log p).
+  scores = jnp.asarray([[0.1, 0.2], [0.3, 0.4]]).reshape(2, 2, 1, 1) * jnp.ones((2, 2, 3, 5))
+  g = np.exp(-0.5 * (np.arange(2) - 1.0) ** 2)
+  g = g / g.sum()
+  want = g[0] * np.log(g[0] / 0.2) + g[1] * np.log(g[1] / 0.4)
+  got = halting.distribution_prior_loss(scores, np.ones((2, 2), bool), 0.5, 1.0, 'avit')
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_avit_prior_reads_the_raw_scores_of_every_cell():
+  """The model returns h = sigmoid(gamma z[channel] + beta) of every token at every cell
+  (halted ones too, as A-ViT averages them), and the loss feeds it to the A-ViT prior."""
+  cfg = tiny_model_config(**{'halt.mode': 'spatiotemporal', 'halt.beta': -1.0,
+                             'halt.gamma': 1.0, 'halt.prior': 'avit', 'halt.alpha_d': 1.0})
+  model = model_lib.create_model(cfg)
+  _, aux = jax.jit(lambda v, x: model.apply(v, x, capture=True))(_variables(), _images())
+  want = jax.nn.sigmoid(aux['block_outputs'][..., 0] - 1.0)
+  np.testing.assert_allclose(np.asarray(aux['cell_score']), np.asarray(want), rtol=1e-6)
+  assert 0 < float(aux['active'].mean()) < 1, 'need halted tokens'
+  spec = spec_from_config(cfg)
+  terms = losses.halt_loss_terms(aux, spec)
+  cells = np.ones((T, L), bool)
+  np.testing.assert_allclose(
+      float(terms['distribution']),
+      float(halting.distribution_prior_loss(want, cells, 0.75, 1.0, 'avit')), rtol=1e-6)
+  # The default form neither computes nor needs the scores.
+  _, aux_default = _forward('spatiotemporal', -1.0)
+  assert 'cell_score' not in aux_default
+
+
 def test_temporal_similarity_by_hand():
   x = jnp.zeros((3, 1, 1, 1, 2))
   x = x.at[0].set(jnp.array([1.0, 0.0])).at[1].set(jnp.array([1.0, 1.0])).at[2].set(

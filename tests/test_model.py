@@ -60,6 +60,7 @@ def test_wrong_image_shape_is_a_clear_error(shape, match):
 @pytest.mark.parametrize('override,match', [
     ({'patch_embed': 'spx'}, 'patch_embed'),
     ({'halt.mode': 'both'}, 'halt.mode'),
+    ({'halt.prior': 'gaussian'}, 'halt.prior'),
     ({'patch_size': 6}, 'patch size'),
     ({'heads': 5}, 'divisible'),
     ({'neuron.surrogate': 'relu'}, 'surrogate'),
@@ -91,7 +92,8 @@ DEFAULT_MODEL_GROUP = {
     'isps': {'reduce': 'mean', 'integrate_at': 'first_lif', 'tail': 'single_step'},
     'halt': {'mode': 'none', 'eps': 0.01, 'channel': 0, 'gamma': 1.0, 'beta': -3.0,
              'learnable': False, 'soft_mask': False, 'soft_temperature': 0.05,
-             'target_cell': 0.75, 'target_sigma': 1.0, 'alpha_p': 5e-4, 'alpha_d': 0.1},
+             'prior': 'act_weight', 'target_cell': 0.75, 'target_sigma': 1.0, 'alpha_p': 5e-4,
+             'alpha_d': 0.1},
 }
 
 
