@@ -11,9 +11,10 @@ epoch 200, random crop (pad 4) + flip. Spikformer's RandAugment and random erasi
 implemented. Expected: about the Spikformer-4-384 baseline's 77.86% top-1
 (configs/cifar100_spikformer.py) with fewer active tokens and less energy per image (the STAS
 paper reports 43.8% less energy on CIFAR-100). On the offline demo data STAS with this
-config's single-step I-SPS tail trails its Spikformer by 2.4 points for 55% less energy, and
-with the demo's tail (--config.model.isps.tail=multi_step,single_step,single_step,single_step)
-by 1.2 points for 45% less (README "Studies"), so expect a gap. Not yet run:
+config's single-step I-SPS tail trails its Spikformer by 2.4 points for 55% less energy, with
+--config.model.isps.tail=multi_step,single_step,single_step,single_step by 1.2 points for 45%
+less, and with the demo's tail (multi_step,multi_step,single_step,single_step) by 0.3 points
+for 24% less (README "Studies"), so expect a gap. Not yet run:
 no CIFAR data on the development machine.
 """
 from configs import default
