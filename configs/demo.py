@@ -16,7 +16,8 @@ This is the STAS closest to Spikformer's accuracy that we measured; counting in 
 (--config.model.isps.tail=multi_step,single_step,single_step,single_step, the default until
 2026-12-04) saves 44.5 % and costs 1.2 points. No tail has both (README "Studies").
 Measured (2 cores, AMD EPYC, 2026-12-04, `python train.py` on a fresh clone): 98.10 % top-1,
-token ratio 0.56, 0.0051 mJ per image, 2.26 of 4 timesteps per token, 4m31s wall with compile.
+token ratio 0.56, 0.0051 mJ per image, 2.26 of 4 timesteps per token, 6m35s wall with compile
+(4m31s for the same run earlier that day: the host is shared and its speed varies).
 Runs are deterministic: the same code and seed give the same numbers, on this machine and on
 the Intel Xeon and AMD EPYC machines of earlier sessions (seed study runs repeated exactly).
 The halting constants (gamma 3, alpha_p 5e-3) came from a sweep on this data: the defaults
