@@ -31,8 +31,8 @@ def halt_loss_terms(aux: Dict, spec: ModelSpec) -> Dict[str, jax.Array]:
   """
   hp = spec.halt
   cells = halting.scoring_cells(hp.mode, spec.timesteps, spec.depth)
-  prior = hp.prior if hp.mode != 'none' else 'act_weight'
-  values = aux['cell_score'] if prior == 'avit' else aux['cell_weight']
+  prior = hp.prior if hp.prior_reads_scores else 'act_weight'
+  values = aux['cell_score'] if hp.prior_reads_scores else aux['cell_weight']
   return {
       'ponder': halting.ponder_loss(aux['ponder'], spec.timesteps, spec.depth),
       'distribution': halting.distribution_prior_loss(

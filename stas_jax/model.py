@@ -35,7 +35,7 @@ class EncoderCell(nn.Module):
         z, active, mem)
     hs, weight = halting.cell_update(hp, hs, z_out, t, l, s.timesteps, s.depth, *halt_params)
     ys = {'active': active, 'weight': weight, 'stats': stats}
-    if hp.mode != 'none' and hp.prior == 'avit':
+    if hp.prior_reads_scores:
       ys['score'] = halting.halting_score(z_out, halt_params[0], halt_params[1], hp.channel)
     if self.capture:
       ys['z_in'] = z

@@ -74,6 +74,12 @@ class HaltSpec:
   alpha_p: float = 5e-4           # ponder loss weight
   alpha_d: float = 0.1            # distribution-prior loss weight
 
+  @property
+  def prior_reads_scores(self) -> bool:
+    """Whether the distribution prior takes the raw halting scores (A-ViT's form, halting on),
+    which the model then returns as `aux['cell_score']`."""
+    return self.mode != 'none' and self.prior == 'avit'
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
