@@ -48,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
   # With model.halt.soft_mask: the temperature decays linearly to 0 (hard mask) over this many
   # steps; -1 = the whole run, 0 = constant. Evaluation always uses the hard mask.
   config.halt_anneal_steps = 0
+  # Weight (per microjoule) of the estimated energy per image (stas_jax.energy) in the training
+  # loss: a spike-count penalty that asks every LIF layer to fire less (a study option, not the
+  # paper's objective; 0 = off).
+  config.energy_loss_weight = 0.0
   # Two-stage training: a run directory whose latest checkpoint gives this run's starting
   # parameters and BatchNorm statistics (e.g. an I-SPS run without halting, then STAS on top);
   # the optimiser state and the step start afresh. '' = a fresh initialisation.

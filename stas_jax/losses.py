@@ -1,7 +1,10 @@
 """The training objective in one place: soft-target cross-entropy plus the halting losses.
 
 loss = CE(logits, soft targets) + alpha_p * ponder + alpha_d * KL(prior || halting distribution)
-(spec section 6). Soft targets carry label smoothing and mixup/cutmix from the input pipeline.
+(spec section 6), plus, when `config.energy_loss_weight` > 0, that weight times the estimated
+energy per image in microjoules (`stas_jax.energy`, counted on the training batch; a study option,
+not part of the paper's objective). Soft targets carry label smoothing and mixup/cutmix from the
+input pipeline.
 """
 from typing import Dict, Tuple
 
@@ -9,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from stas_jax import energy
 from stas_jax import halting
 from stas_jax.model_config import ModelSpec
 
@@ -40,25 +44,43 @@ def halt_loss_terms(aux: Dict, spec: ModelSpec) -> Dict[str, jax.Array]:
   }
 
 
-def total_loss(logits: jax.Array, targets: jax.Array, aux: Dict,
-               spec: ModelSpec) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-  """Weighted sum of the three terms, and each term for logging.
+def energy_term(aux: Dict, spec: ModelSpec) -> jax.Array:
+  """Batch mean of the estimated energy per image, in microjoules (`energy.estimate`).
 
-  With halting off (mode none) only the cross-entropy counts.
+  Differentiable: the spike sums it counts carry the surrogate gradients of the neurons that
+  made them, so its gradient asks every LIF layer to fire less, each in proportion to the fan-out
+  its spikes drive (conv0's and the head's MACs are constants).
+  """
+  return jnp.mean(energy.estimate(aux, spec)['energy_mj']) * 1e3
+
+
+def total_loss(logits: jax.Array, targets: jax.Array, aux: Dict, spec: ModelSpec,
+               energy_weight: float = 0.0) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """Weighted sum of the terms, and each term for logging.
+
+  With halting off (mode none) the halting losses do not count.
 
   Args:
     logits: (B, K).
     targets: soft targets (B, K).
-    aux: the model's aux dict (needs `ponder` and `cell_weight`; see `halt_loss_terms`).
-    spec: the model spec (loss weights in `spec.halt`).
+    aux: the model's aux dict (needs `ponder` and `cell_weight`, see `halt_loss_terms`, and
+      with `energy_weight` the sums `energy.estimate` reads).
+    spec: the model spec (halting loss weights in `spec.halt`).
+    energy_weight: weight of `energy_term` (per microjoule); 0 leaves it out of the graph.
 
   Returns:
-    (scalar loss, {'loss', 'ce', 'ponder', 'distribution'}).
+    (scalar loss, {'loss', 'ce', 'ponder', 'distribution'} and, with energy_weight > 0,
+    'energy' in microjoules per image).
   """
+  if energy_weight < 0:
+    raise ValueError(f'energy_loss_weight must be >= 0, got {energy_weight}')
   ce = soft_cross_entropy(logits, targets)
   terms = halt_loss_terms(aux, spec)
   loss = ce
   if spec.halt.mode != 'none':
     loss = loss + spec.halt.alpha_p * terms['ponder'] + spec.halt.alpha_d * terms['distribution']
-  return loss, {'loss': loss, 'ce': ce, 'ponder': terms['ponder'],
-                'distribution': terms['distribution']}
+  out = {'ce': ce, 'ponder': terms['ponder'], 'distribution': terms['distribution']}
+  if energy_weight > 0:
+    out['energy'] = energy_term(aux, spec)
+    loss = loss + energy_weight * out['energy']
+  return loss, {'loss': loss, **out}

@@ -90,7 +90,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], base_key: jax.Arr
     (logits, aux), mutated = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
         mutable=['batch_stats'], **halt_kwargs)
-    loss, terms = losses.total_loss(logits, targets, aux, ctx.spec)
+    loss, terms = losses.total_loss(logits, targets, aux, ctx.spec,
+                                     energy_weight=ctx.config.get('energy_loss_weight', 0.0))
     return loss, (terms, logits, aux['active'], mutated['batch_stats'])
 
   grads, (terms, logits, active, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)

@@ -103,10 +103,11 @@ def _log_train(run: _Run, p: _Progress) -> None:
   run.log.write({'step': p.step, 'epoch': epoch, 'kind': 'train', **p.train_summary})
   step_time = (time.monotonic() - p.window_start) / max(p.window_steps, 1)
   t = p.train_summary
+  energy = f' energy {t["train/energy"]:.2f} uJ' if 'train/energy' in t else ''
   logging.info(
-      'step %d/%d (epoch %.2f): loss %.4f (ce %.4f ponder %.3f dist %.3f) acc %.3f '
+      'step %d/%d (epoch %.2f): loss %.4f (ce %.4f ponder %.3f dist %.3f%s) acc %.3f '
       'tokens %.3f lr %.2e | %.1f img/s, ETA %s', p.step, run.total_steps, epoch,
-      t['train/loss'], t['train/ce'], t['train/ponder'], t['train/distribution'],
+      t['train/loss'], t['train/ce'], t['train/ponder'], t['train/distribution'], energy,
       t['train/accuracy'], t['train/token_ratio'], t['train/learning_rate'],
       run.config.batch_size / max(step_time, 1e-9),
       run_files.format_duration(step_time * (run.total_steps - p.step)))

@@ -188,6 +188,20 @@ def test_pmap_and_jit_match_single_device():
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
 
 
+def test_energy_loss_weight_reaches_the_train_step():
+  """`config.energy_loss_weight` is read by the train step on every layout: the step reports
+  the `energy` term, and its loss is the unpenalised loss plus weight x energy (first step: same
+  parameters, same key)."""
+  config = _equivalence_config()
+  _, plain = _run_steps(config, jax.devices(), num_steps=1)
+  config.energy_loss_weight = 0.5
+  _, penalised = _run_steps(config, jax.devices(), num_steps=1)
+  assert 'energy' not in plain[0] and float(penalised[0]['energy']) > 0
+  np.testing.assert_allclose(penalised[0]['loss'],
+                             plain[0]['loss'] + 0.5 * penalised[0]['energy'], rtol=1e-5)
+  np.testing.assert_allclose(penalised[0]['ce'], plain[0]['ce'], rtol=1e-6)
+
+
 def _eval_sums(config, devices, batch_size=16):
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (batch_size, 32, 32, 1), dtype=np.uint8),
