@@ -24,6 +24,15 @@ third command (2026-12-04, AMD EPYC, with --study_config.run_plots=False): 98.03
 5.38 +- 0.31 uJ (23.6 % less, 0.33 points down). On the Xeon an SPS run trains in about 9.5
 minutes and an I-SPS run in about 4, alone on the machine; on the EPYC an SPS run took about
 20 minutes with its figures, an I-SPS run of the demo default 4.5 minutes without.
+
+The energy loss on both arms (2026-12-06, AMD EPYC; an SPS run trained in 10-12 minutes, an I-SPS
+run in 4.1-4.4, without figures):
+  python -m stas_jax.ablate --config=configs/demo.py --study_config=configs/study_demo.py \
+      --study_config.run_plots=False --config.energy_loss_weight=0.005 \
+      --out=runs/study_e005 --rows=sps-none,isps-spatiotemporal
+gave Spikformer 98.10 +- 0.26 % at 5.28 +- 0.07 uJ and STAS 98.27 +- 0.40 % at 4.25 +- 0.31 uJ
+(19.5 % less than that Spikformer, 39.6 % less than the plain one); weights 0.006 and 0.007
+(STAS row only) gave 97.63 +- 0.46 % at 4.06 uJ and 97.47 +- 0.32 % at 3.83 uJ.
 """
 from stas_jax import ablate
 
