@@ -22,7 +22,8 @@ than a Spikformer given the same loss (98.10 +- 0.26 % at 5.28 uJ); seed 0, whic
 "Studies", "An energy loss on both arms"; 2026-12-06, AMD EPYC).
 Measured (2 cores, AMD EPYC, 2026-12-04, `python train.py` on a fresh clone): 98.10 % top-1,
 token ratio 0.56, 0.0051 mJ per image, 2.26 of 4 timesteps per token, 6m35s wall with compile
-(4m31s for the same run earlier that day: the host is shared and its speed varies).
+(4m31s for the same run earlier that day: the host is shared and its speed varies); again on
+2026-12-06 (AMD EPYC, fresh clone): the same 98.10 %, token ratio 0.564, 3m53s wall.
 Runs are deterministic: the same code and seed give the same numbers, on this machine and on
 the Intel Xeon and AMD EPYC machines of earlier sessions (seed study runs repeated exactly).
 The halting constants (gamma 3, alpha_p 5e-3) came from a sweep on this data: the defaults
