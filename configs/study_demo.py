@@ -29,10 +29,10 @@ The energy loss on both arms (2026-12-06, AMD EPYC; an SPS run trained in 10-12 
 run in 4.1-4.4, without figures):
   python -m stas_jax.ablate --config=configs/demo.py --study_config=configs/study_demo.py \
       --study_config.run_plots=False --config.energy_loss_weight=0.005 \
-      --out=runs/study_e005 --rows=sps-none,isps-spatiotemporal
-gave Spikformer 98.10 +- 0.26 % at 5.28 +- 0.07 uJ and STAS 98.27 +- 0.40 % at 4.25 +- 0.31 uJ
-(19.5 % less than that Spikformer, 39.6 % less than the plain one); weights 0.006 and 0.007
-(STAS row only) gave 97.63 +- 0.46 % at 4.06 uJ and 97.47 +- 0.32 % at 3.83 uJ.
+      --out=runs/study_e005 --rows=sps-none,isps-spatiotemporal --seeds=0,1,2,3,4
+gave Spikformer 97.88 +- 0.36 % at 5.17 +- 0.16 uJ and STAS 98.14 +- 0.38 % at 4.41 +- 0.31 uJ
+(14.6 % less than that Spikformer, 37.3 % less than the plain one); weights 0.006 and 0.007
+(STAS row only, seeds 0-2) gave 97.63 +- 0.46 % at 4.06 uJ and 97.47 +- 0.32 % at 3.83 uJ.
 """
 from stas_jax import ablate
 
