@@ -26,7 +26,7 @@ minutes and an I-SPS run in about 4, alone on the machine; on the EPYC an SPS ru
 20 minutes with its figures, an I-SPS run of the demo default 4.5 minutes without.
 
 The energy loss on both arms (2026-12-06, AMD EPYC; an SPS run trained in 10-12 minutes, an I-SPS
-run in 4.1-4.4, without figures):
+run in 4.1-4.6, without figures):
   python -m stas_jax.ablate --config=configs/demo.py --study_config=configs/study_demo.py \
       --study_config.run_plots=False --config.energy_loss_weight=0.005 \
       --out=runs/study_e005 --rows=sps-none,isps-spatiotemporal --seeds=0,1,2,3,4
