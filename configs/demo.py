@@ -19,7 +19,10 @@ With --config.energy_loss_weight=0.005 (an energy term in the loss, ours, not th
 seeds 0-4): 98.14 +- 0.38 % (97.8, 98.5, 98.5, 97.7, 98.2) at 4.41 uJ, 37.3 % less than that
 Spikformer and 14.6 % less than a Spikformer given the same loss (97.88 +- 0.36 % at 5.17 uJ);
 seed 0, which `python train.py` uses, reaches 97.8 % that way, so the default leaves the loss
-off (README "Studies", "An energy loss on both arms"; 2026-12-06, AMD EPYC).
+off (README "Studies", "An energy loss on both arms"; 2026-12-06, AMD EPYC). Against the plain
+Spikformer with seeds 0-4 (98.26 +- 0.18 % at 7.03 uJ) that is 0.12 points down for 37.2 % less;
+twice the ponder weight (--config.model.halt.alpha_p=0.01, with the loss, seeds 0-4) gives
+97.84 +- 0.18 % at 4.31 uJ, 38.7 % less for 0.42 points: neither meets both targets.
 Measured (2 cores, AMD EPYC, 2026-12-04, `python train.py` on a fresh clone): 98.10 % top-1,
 token ratio 0.56, 0.0051 mJ per image, 2.26 of 4 timesteps per token, 6m35s wall with compile
 (4m31s for the same run earlier that day: the host is shared and its speed varies); again on

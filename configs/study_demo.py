@@ -33,6 +33,16 @@ run in 4.1-4.6, without figures):
 gave Spikformer 97.88 +- 0.36 % at 5.17 +- 0.16 uJ and STAS 98.14 +- 0.38 % at 4.41 +- 0.31 uJ
 (14.6 % less than that Spikformer, 37.3 % less than the plain one); weights 0.006 and 0.007
 (STAS row only, seeds 0-2) gave 97.63 +- 0.46 % at 4.06 uJ and 97.47 +- 0.32 % at 3.83 uJ.
+Five seeds of the plain Spikformer and of STAS with twice the ponder weight (same day and
+machine; an SPS run trained in 10.7-11.6 minutes, an I-SPS run in 4.2-4.8):
+  python -m stas_jax.ablate --config=configs/demo.py --study_config=configs/study_demo.py \
+      --study_config.run_plots=False --out=runs/study_sps5 --rows=sps-none --seeds=0,1,2,3,4
+  python -m stas_jax.ablate --config=configs/demo.py --study_config=configs/study_demo.py \
+      --study_config.run_plots=False --config.energy_loss_weight=0.005 \
+      --config.model.halt.alpha_p=0.01 --out=runs/study_e005_p01 --rows=isps-spatiotemporal \
+      --seeds=0,1,2,3,4
+gave 98.26 +- 0.18 % at 7.03 +- 0.22 uJ (seeds 0-2 repeat the grid's runs exactly) and
+97.84 +- 0.18 % at 4.31 +- 0.39 uJ.
 """
 from stas_jax import ablate
 
