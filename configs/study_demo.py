@@ -42,7 +42,9 @@ machine; an SPS run trained in 10.7-11.6 minutes, an I-SPS run in 4.2-4.8):
       --config.model.halt.alpha_p=0.01 --out=runs/study_e005_p01 --rows=isps-spatiotemporal \
       --seeds=0,1,2,3,4
 gave 98.26 +- 0.18 % at 7.03 +- 0.22 uJ (seeds 0-2 repeat the grid's runs exactly) and
-97.84 +- 0.18 % at 4.31 +- 0.39 uJ.
+97.84 +- 0.18 % at 4.31 +- 0.39 uJ; with --config.energy_loss_weight=0.0055 (no alpha_p
+override) --out=runs/study_e0055 --rows=isps-spatiotemporal --seeds=0,1,2,3,4, STAS gave
+97.98 +- 0.24 % at 4.20 +- 0.18 uJ (I-SPS runs of 4.5-5.1 minutes on a busier host).
 """
 from stas_jax import ablate
 
