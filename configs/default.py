@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
   # loss: a spike-count penalty that asks every LIF layer to fire less (a study option, not the
   # paper's objective; 0 = off).
   config.energy_loss_weight = 0.0
+  # The energy weight ramps linearly from 0 to energy_loss_weight over this many steps, so the
+  # network learns its features before it is asked to fire less; -1 = the whole run, 0 = the
+  # full weight from step 0.
+  config.energy_loss_warmup_steps = 0
   # Two-stage training: a run directory whose latest checkpoint gives this run's starting
   # parameters and BatchNorm statistics (e.g. an I-SPS run without halting, then STAS on top);
   # the optimiser state and the step start afresh. '' = a fresh initialisation.

@@ -6,7 +6,7 @@ energy per image in microjoules (`stas_jax.energy`, counted on the training batc
 not part of the paper's objective). Soft targets carry label smoothing and mixup/cutmix from the
 input pipeline.
 """
-from typing import Dict, Tuple
+from typing import Dict, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +55,8 @@ def energy_term(aux: Dict, spec: ModelSpec) -> jax.Array:
 
 
 def total_loss(logits: jax.Array, targets: jax.Array, aux: Dict, spec: ModelSpec,
-               energy_weight: float = 0.0) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+               energy_weight: Union[float, jax.Array] = 0.0
+               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """Weighted sum of the terms, and each term for logging.
 
   With halting off (mode none) the halting losses do not count.
@@ -66,13 +67,16 @@ def total_loss(logits: jax.Array, targets: jax.Array, aux: Dict, spec: ModelSpec
     aux: the model's aux dict (needs `ponder` and `cell_weight`, see `halt_loss_terms`, and
       with `energy_weight` the sums `energy.estimate` reads).
     spec: the model spec (halting loss weights in `spec.halt`).
-    energy_weight: weight of `energy_term` (per microjoule); 0 leaves it out of the graph.
+    energy_weight: weight of `energy_term` (per microjoule): a number (0 leaves the term out of
+      the graph) or a traced scalar (the warm-up of `optim.energy_weight_schedule`; the term is
+      computed whatever its value).
 
   Returns:
     (scalar loss, {'loss', 'ce', 'ponder', 'distribution'} and, with energy_weight > 0,
     'energy' in microjoules per image).
   """
-  if energy_weight < 0:
+  traced = isinstance(energy_weight, jax.Array)
+  if not traced and energy_weight < 0:
     raise ValueError(f'energy_loss_weight must be >= 0, got {energy_weight}')
   ce = soft_cross_entropy(logits, targets)
   terms = halt_loss_terms(aux, spec)
@@ -80,7 +84,7 @@ def total_loss(logits: jax.Array, targets: jax.Array, aux: Dict, spec: ModelSpec
   if spec.halt.mode != 'none':
     loss = loss + spec.halt.alpha_p * terms['ponder'] + spec.halt.alpha_d * terms['distribution']
   out = {'ce': ce, 'ponder': terms['ponder'], 'distribution': terms['distribution']}
-  if energy_weight > 0:
+  if traced or energy_weight > 0:
     out['energy'] = energy_term(aux, spec)
     loss = loss + energy_weight * out['energy']
   return loss, {'loss': loss, **out}

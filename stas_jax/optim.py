@@ -1,5 +1,5 @@
 """Optimiser and schedules: AdamW with masked weight decay, the warm-up + cosine learning rate,
-the soft halting-mask temperature, and the step at which training ends."""
+the soft halting-mask temperature, the energy-loss weight, and the step at which training ends."""
 from typing import Any, Optional
 
 import jax
@@ -46,6 +46,25 @@ def halt_temperature_schedule(config: ml_collections.ConfigDict,
   if steps == 0:
     return optax.constant_schedule(halt.soft_temperature)
   return optax.linear_schedule(halt.soft_temperature, 0.0, steps)
+
+
+def energy_weight_schedule(config: ml_collections.ConfigDict,
+                           total_steps: int) -> Optional[optax.Schedule]:
+  """Weight of the energy loss per step while it warms up, or None where it does not.
+
+  Rises linearly from 0 to `config.energy_loss_weight` over `config.energy_loss_warmup_steps`
+  steps (-1: the whole run), then stays there. None for a warm-up of 0 steps or a weight of 0:
+  the train step then uses the constant weight as a Python number (the loss is off at 0).
+  """
+  weight = config.get('energy_loss_weight', 0.0)
+  if weight < 0:
+    raise ValueError(f'energy_loss_weight must be >= 0, got {weight}')
+  steps = config.get('energy_loss_warmup_steps', 0)
+  if steps < -1:
+    raise ValueError(f'energy_loss_warmup_steps must be >= -1 (-1: the whole run), got {steps}')
+  if weight == 0 or steps == 0:
+    return None
+  return optax.linear_schedule(0.0, weight, total_steps if steps < 0 else steps)
 
 
 def weight_decay_mask(params: Any) -> Any:

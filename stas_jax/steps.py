@@ -46,6 +46,8 @@ class StepContext:
     schedule: learning rate per step (None where nothing trains: evaluation, benchmarks).
     halt_temperature: soft halting-mask temperature per step
       (`optim.halt_temperature_schedule`); None: the hard mask.
+    energy_weight: energy-loss weight per step during a warm-up
+      (`optim.energy_weight_schedule`); None: the constant `config.energy_loss_weight`.
   """
   config: ml_collections.ConfigDict
   mean: Any
@@ -53,6 +55,7 @@ class StepContext:
   num_classes: int
   schedule: Optional[optax.Schedule] = None
   halt_temperature: Optional[optax.Schedule] = None
+  energy_weight: Optional[optax.Schedule] = None
 
   @property
   def spec(self):
@@ -86,12 +89,19 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], base_key: jax.Arr
   if ctx.halt_temperature is not None:  # traced: annealing never recompiles
     halt_kwargs['halt_temperature'] = ctx.halt_temperature(state.step)
 
+  energy_weight = ctx.config.get('energy_loss_weight', 0.0)
+  if ctx.energy_weight is not None:  # traced: the warm-up never recompiles
+    energy_weight = jnp.asarray(ctx.energy_weight(state.step), jnp.float32)
+  elif energy_weight > 0 and ctx.config.get('energy_loss_warmup_steps', 0) != 0:
+    raise ValueError('config.energy_loss_warmup_steps needs StepContext.energy_weight '
+                     '(optim.energy_weight_schedule(config, total_steps))')
+
   def loss_fn(params):
     (logits, aux), mutated = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
         mutable=['batch_stats'], **halt_kwargs)
     loss, terms = losses.total_loss(logits, targets, aux, ctx.spec,
-                                     energy_weight=ctx.config.get('energy_loss_weight', 0.0))
+                                     energy_weight=energy_weight)
     return loss, (terms, logits, aux['active'], mutated['batch_stats'])
 
   grads, (terms, logits, active, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -105,6 +115,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], base_key: jax.Arr
   metrics['learning_rate'] = ctx.schedule(state.step)
   if halt_kwargs:
     metrics['halt_temperature'] = halt_kwargs['halt_temperature']
+  if ctx.energy_weight is not None:
+    metrics['energy_weight'] = energy_weight
   if axis_name is not None:
     metrics = lax.pmean(metrics, axis_name)
   return new_state, metrics

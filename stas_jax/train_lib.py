@@ -244,7 +244,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str):
   schedule = optim.learning_rate_schedule(config, data.steps_per_epoch, total_steps)
   ctx = steps.StepContext(config=config, mean=data.mean, std=data.std,
                           num_classes=data.num_classes, schedule=schedule,
-                          halt_temperature=optim.halt_temperature_schedule(config, total_steps))
+                          halt_temperature=optim.halt_temperature_schedule(config, total_steps),
+                          energy_weight=optim.energy_weight_schedule(config, total_steps))
   strategy = parallel.create_strategy(ctx)
   model = model_lib.create_model(config.model, bn_axis_name=parallel.bn_axis_name(config))
   init_key, aug_key = jax.random.split(jax.random.key(config.seed))

@@ -152,14 +152,14 @@ def _equivalence_config():
   return config
 
 
-def _run_steps(config, devices, num_steps=3, batch_size=16):
+def _run_steps(config, devices, num_steps=3, batch_size=16, energy_weight=None):
   rng = np.random.default_rng(0)
   batches = [{'image': rng.integers(0, 256, (batch_size, 32, 32, 1), dtype=np.uint8),
               'label': rng.integers(0, 10, (batch_size,), dtype=np.int32)}
              for _ in range(num_steps)]
   schedule = optim.learning_rate_schedule(config, 100, 100)
   ctx = steps.StepContext(config=config, mean=np.float32([33.]), std=np.float32([78.]),
-                          num_classes=10, schedule=schedule)
+                          num_classes=10, schedule=schedule, energy_weight=energy_weight)
   strategy = parallel.create_strategy(ctx, devices)
   model = model_lib.create_model(config.model, bn_axis_name=parallel.bn_axis_name(config))
   # Plain SGD: Adam would turn the numerically-zero gradients of the biases in front of
@@ -200,6 +200,47 @@ def test_energy_loss_weight_reaches_the_train_step():
   np.testing.assert_allclose(penalised[0]['loss'],
                              plain[0]['loss'] + 0.5 * penalised[0]['energy'], rtol=1e-5)
   np.testing.assert_allclose(penalised[0]['ce'], plain[0]['ce'], rtol=1e-6)
+
+
+def test_energy_weight_schedule():
+  """The warm-up rises linearly from 0 to the weight over `energy_loss_warmup_steps` (-1: the
+  whole run) and stays there; without a warm-up or without the loss there is no schedule."""
+  config = _smoke()
+  config.energy_loss_weight = 0.4
+  config.energy_loss_warmup_steps = 4
+  schedule = optim.energy_weight_schedule(config, total_steps=100)
+  np.testing.assert_allclose([schedule(s) for s in (0, 1, 2, 4, 50)],
+                             [0.0, 0.1, 0.2, 0.4, 0.4], atol=1e-7)
+  config.energy_loss_warmup_steps = -1
+  whole_run = optim.energy_weight_schedule(config, total_steps=10)
+  np.testing.assert_allclose([whole_run(s) for s in (0, 5, 10)], [0.0, 0.2, 0.4], atol=1e-7)
+  config.energy_loss_warmup_steps = 0
+  assert optim.energy_weight_schedule(config, total_steps=10) is None
+  config.energy_loss_warmup_steps = 4
+  config.energy_loss_weight = 0.0
+  assert optim.energy_weight_schedule(config, total_steps=10) is None
+  config.energy_loss_warmup_steps = -2
+  with pytest.raises(ValueError, match='energy_loss_warmup_steps must be >= -1'):
+    optim.energy_weight_schedule(config, total_steps=10)
+
+
+def test_energy_loss_warmup_reaches_the_train_step():
+  """With a warm-up the step's loss is the rest of the loss plus the scheduled weight (0, then
+  half, then all of it for a 2-step warm-up) times the energy, which every step reports; a
+  warm-up without the schedule in the step context is an error, not a silent constant."""
+  config = _equivalence_config()
+  config.energy_loss_weight = 0.5
+  config.energy_loss_warmup_steps = 2
+  schedule = optim.energy_weight_schedule(config, total_steps=100)
+  _, history = _run_steps(config, jax.devices()[:1], num_steps=3, energy_weight=schedule)
+  halt = config.model.halt
+  for m, weight in zip(history, (0.0, 0.25, 0.5)):
+    assert float(m['energy']) > 0
+    np.testing.assert_allclose(m['energy_weight'], weight, atol=1e-7)
+    rest = m['ce'] + halt.alpha_p * m['ponder'] + halt.alpha_d * m['distribution']
+    np.testing.assert_allclose(m['loss'], rest + weight * m['energy'], rtol=1e-5)
+  with pytest.raises(ValueError, match='needs StepContext.energy_weight'):
+    _run_steps(config, jax.devices()[:1], num_steps=1)
 
 
 def _eval_sums(config, devices, batch_size=16):
