@@ -16,11 +16,13 @@ Counting rules, per image:
   * What counts as spikes: a binary spike is one; an integer input (a spike count, the RPE sums
     in {0, 1, 2}) is that many; a count times a constant that folds into the next layer's
     weights is its count, so a mean of T spikes that sums to v costs T * v, not v
-    (`ModelSpec.spikes_per_unit`). The same network therefore costs the same energy whether
-    I-SPS integrates by sum or by mean. The encoder input U of I-SPS, when it is a rate
-    (`isps.tail` ends in 'multi_step' or `integrate_at = 'sps_output'`), is presented at every
-    timestep and stays in the residual stream, so every block layer that reads the stream pays
-    T * (its U part) + (the integer part added by the blocks); model.STAS reports U's
+    (`ModelSpec.spikes_per_unit`; S * v for the mean of a tail LIF's S = `isps.tail_steps`
+    steps). The same network therefore costs the same energy whether I-SPS integrates by sum
+    or by mean. The encoder input U of I-SPS, when it is a rate (`isps.tail` ends in
+    'multi_step' or `integrate_at = 'sps_output'`), is presented at every timestep and stays in
+    the residual stream, so every block layer that reads the stream pays, at every timestep,
+    U's spike count (its U part times the spikes per unit) + (the integer part added by the
+    blocks); model.STAS reports U's
     per-token sums (`sps_stats['token_values']`) for this. No input of ours is any other
     non-integer; such an input would be a multiply (a MAC), not an accumulate.
 Energy = E_MAC * MACs + E_AC * SOPs (45 nm: 4.6 pJ and 0.9 pJ).
@@ -69,11 +71,14 @@ def _sps_layout(s: ModelSpec) -> Tuple[Dict[str, int], Dict[str, int]]:
       size = -(-size // 2)
   cells['rpe_lif'] = size * size * s.dim
   # LIF0 always runs T steps. Under I-SPS (first_lif) the tail runs once: its neurons fire
-  # once (single_step, any_spike) or run T steps on a constant current (multi_step).
-  # Each tail LIF has its own mode (`ModelSpec.isps.tail_modes`).
+  # once (single_step, any_spike) or run `tail_steps` steps on a constant current
+  # (multi_step). Each tail LIF has its own mode (`ModelSpec.isps.tail_modes`).
   steps = {'proj_lif': s.timesteps}
   for name, mode in zip(SPS_LIFS[1:], s.isps.tail_modes):
-    steps[name] = 1 if s.isps_once and mode != 'multi_step' else s.timesteps
+    if not s.isps_once:
+      steps[name] = s.timesteps
+    else:
+      steps[name] = s.tail_steps if mode == 'multi_step' else 1
   return cells, steps
 
 

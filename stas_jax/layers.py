@@ -220,9 +220,10 @@ class SPS(nn.Module):
     With `steps` = 1 (I-SPS, the conv ran once) the current is constant over time and `mode`
     (this stage's entry of `model.isps.tail`) says how the neuron turns it into the output:
       single_step: one LIF step from rest (fires for a current >= tau * v_th);
-      any_spike: 1 where a T-step LIF on this current fires at least once (a current >=
-        v_th / (1 - (1 - 1/tau) ** T)), else 0; the surrogate gradient flows through the T steps;
-      multi_step: the T-step LIF's spikes integrated by `model.isps.reduce` (a count or a rate).
+      any_spike: 1 where an S-step LIF on this current fires at least once (a current >=
+        v_th / (1 - (1 - 1/tau) ** S)), else 0; the surrogate gradient flows through the S steps;
+      multi_step: the S-step LIF's spikes integrated by `model.isps.reduce` (a count or a rate).
+    S is `model.isps.tail_steps` (default T).
 
     Returns:
       (output like current, spikes emitted per image (B,), spikes in one unit of the output).
@@ -232,12 +233,12 @@ class SPS(nn.Module):
     if steps > 1 or mode == 'single_step':
       out = multistep_lif(current, steps, s.lif())
       return out, _image_sums(out, batch), 1
-    spikes = neurons.lif_constant_input(current, s.timesteps, s.lif())
+    spikes = neurons.lif_constant_input(current, s.tail_steps, s.lif())
     if mode == 'any_spike':
       out = neurons.fired_any(spikes)
       return out, _image_sums(out, batch), 1
     return (self.integrate(spikes), _image_sums(spikes.reshape((-1,) + current.shape[1:]), batch),
-            s.spikes_per_unit)
+            s.tail_spikes_per_unit)
 
   def tail(self, x: jax.Array, steps: int, train: bool,
            x_spikes_per_unit: int = 1) -> Tuple[jax.Array, Dict[str, jax.Array]]:
@@ -248,7 +249,7 @@ class SPS(nn.Module):
         (SPS) or the integrated LIF0 spikes (I-SPS).
       steps: how many timesteps are folded into the leading axis (T, or 1 for I-SPS).
       train: batch statistics (True) or running averages.
-      x_spikes_per_unit: spikes in one unit of x (T for a mean of T spikes).
+      x_spikes_per_unit: spikes in one unit of x (S for a mean of S spikes).
 
     Returns:
       tokens (steps * B, N, D) (SPS and the binary I-SPS tails: values in {0, 1, 2}); per-image

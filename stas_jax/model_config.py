@@ -44,10 +44,16 @@ class ISPSSpec:
     or four comma-separated modes for LIF1, LIF2, LIF3 and the RPE LIF in turn (e.g.
     'multi_step,single_step,single_step,single_step'); LIF3 and the RPE LIF, whose outputs add
     up to the token map, must both be multi_step or both not.
+  tail_steps: how many steps the any_spike and multi_step tail neurons run on their constant
+    current (0: T, the timesteps). A neuron of tau 2 driven by a current I fires
+    floor-like counts: over 4 steps 0, 1, 2 or 4 spikes (thresholds 16/15, 4/3, 2), over 2 steps
+    0, 1 or 2 (thresholds 4/3, 2), so fewer steps keep the strong and middle currents apart at
+    about half the spikes. LIF0 always runs T steps.
   """
-  reduce: str = 'mean'            # 'mean' | 'sum' over the T spikes of the first LIF
+  reduce: str = 'mean'            # 'mean' | 'sum' over the spikes of an integrating LIF
   integrate_at: str = 'first_lif'  # 'first_lif' | 'sps_output'
   tail: str = 'single_step'       # 'single_step' | 'any_spike' | 'multi_step', or 4 of them
+  tail_steps: int = 0             # steps of the any_spike / multi_step tail LIFs; 0 = T
 
   @property
   def tail_modes(self) -> Tuple[str, ...]:
@@ -161,12 +167,24 @@ class ModelSpec:
     return self.timesteps if self.isps.reduce == 'mean' else 1
 
   @property
+  def tail_steps(self) -> int:
+    """Steps of the I-SPS tail neurons that run on their constant current (`isps.tail_steps`)."""
+    return self.isps.tail_steps or self.timesteps
+
+  @property
+  def tail_spikes_per_unit(self) -> int:
+    """Spikes in one unit of a multi_step tail output: `tail_steps` for a mean, else 1."""
+    return self.tail_steps if self.isps.reduce == 'mean' else 1
+
+  @property
   def token_spikes_per_unit(self) -> int:
     """Spikes in one unit of the encoder input U (1 when U holds spike counts or spikes)."""
     if self.patch_embed != 'isps':
       return 1
-    if self.isps.integrate_at == 'sps_output' or self.isps.tail_modes[-1] == 'multi_step':
+    if self.isps.integrate_at == 'sps_output':
       return self.spikes_per_unit
+    if self.isps.tail_modes[-1] == 'multi_step':
+      return self.tail_spikes_per_unit
     return 1
 
   def lif(self) -> neurons.LIFParams:
@@ -213,6 +231,9 @@ def _validate_tail(isps: ISPSSpec):
                      f'comma-separated modes (for {", ".join(ISPS_TAIL_LIFS)})')
   for mode in modes:
     _choice(mode, ISPS_TAILS, 'model.isps.tail')
+  if not isinstance(isps.tail_steps, int) or isps.tail_steps < 0:
+    raise ValueError(f'model.isps.tail_steps={isps.tail_steps!r}: give a number of steps >= 1, '
+                     'or 0 for T (model.timesteps)')
   if (modes[2] == 'multi_step') != (modes[3] == 'multi_step'):
     raise ValueError(f'model.isps.tail={isps.tail!r}: proj_lif3 and rpe_lif add up to the token '
                      'map, so they must both be multi_step (a spike count) or both not (spikes)')

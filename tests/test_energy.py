@@ -162,6 +162,11 @@ def test_hand_counted_isps_layout():
                                    ('patch_embed.proj_lif1', 'patch_embed.proj_lif2')})
   for name, value in want.items():
     np.testing.assert_allclose(out['firing_rates'][name], value, rtol=1e-6, err_msg=name)
+  # The same tail with `tail_steps` 1: LIF1 and LIF2 run one step, like the binary stages.
+  out = energy.estimate(tiny_aux(), dict(isps, isps={
+      'tail': 'multi_step,multi_step,single_step,single_step', 'tail_steps': 1}))
+  for name, value in HAND_ISPS_RATES.items():
+    np.testing.assert_allclose(out['firing_rates'][name], value, rtol=1e-6, err_msg=name)
 
 
 def test_rate_valued_encoder_input_costs_its_spikes():
@@ -311,15 +316,18 @@ def test_rates_and_token_usage(which, request):
 # ---------------------------------------------------------------------------------------------
 # 5. The counting rule: the same network costs the same whichever way I-SPS integrates.
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize('tail', ['single_step', 'any_spike', 'multi_step',
-                                  'multi_step,multi_step,single_step,single_step'])
-def test_mean_and_sum_integration_cost_the_same(tail, variables, images):
-  """Mean and sum differ by the factor T, which the next BatchNorm removes (eps ~ 0), so both
-  models are one network: their patch embeddings must cost the same; with a binary tail the
-  encoder sees the same spikes too, and the whole network must cost the same."""
+@pytest.mark.parametrize('tail, tail_steps', [
+    ('single_step', 0), ('any_spike', 0), ('multi_step', 0),
+    ('multi_step,multi_step,single_step,single_step', 0), ('multi_step', 3),
+    ('multi_step,multi_step,single_step,single_step', 3)])
+def test_mean_and_sum_integration_cost_the_same(tail, tail_steps, variables, images):
+  """Mean and sum differ by the factor T (or `tail_steps`), which the next BatchNorm removes
+  (eps ~ 0), so both models are one network: their patch embeddings must cost the same; with a
+  binary tail the encoder sees the same spikes too, and the whole network must cost the same."""
   out = {}
   for reduce in ('mean', 'sum'):
-    cfg = dict(ISPS, bn_epsilon=1e-12, isps={'reduce': reduce, 'tail': tail})
+    cfg = dict(ISPS, bn_epsilon=1e-12,
+               isps={'reduce': reduce, 'tail': tail, 'tail_steps': tail_steps})
     model = model_lib.create_model(cfg)
     (_, aux), _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
         variables, images)

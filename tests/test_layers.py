@@ -68,16 +68,22 @@ def test_masked_batch_norm_counts_active_rows_and_survives_all_halted():
                                 np.asarray(variables['batch_stats']['mean']))
 
 
-@pytest.mark.parametrize('tail, reduce, want, spikes, unit', [
-    ('single_step', 'mean', [1, 0, 0, 0], 1, 1),       # one step from rest: H = x / 2
-    ('any_spike', 'mean', [1, 1, 1, 0], 3, 1),         # fires in 4 steps iff x >= 16 / 15
-    ('multi_step', 'mean', [1, 0.5, 0.25, 0], 7, 4),   # 4-step counts 4, 2, 1, 0, as a rate
-    ('multi_step', 'sum', [4, 2, 1, 0], 7, 1),
+@pytest.mark.parametrize('tail, reduce, tail_steps, want, spikes, unit', [
+    ('single_step', 'mean', 0, [1, 0, 0, 0], 1, 1),       # one step from rest: H = x / 2
+    ('any_spike', 'mean', 0, [1, 1, 1, 0], 3, 1),         # fires in 4 steps iff x >= 16 / 15
+    ('multi_step', 'mean', 0, [1, 0.5, 0.25, 0], 7, 4),   # 4-step counts 4, 2, 1, 0, as a rate
+    ('multi_step', 'sum', 0, [4, 2, 1, 0], 7, 1),
+    # 2 steps (H = x/2, then x/2 + H/2 unless it fired): trains 11, 01, 00, 00.
+    ('any_spike', 'mean', 2, [1, 1, 0, 0], 2, 1),         # fires in 2 steps iff x >= 4 / 3
+    ('multi_step', 'mean', 2, [1, 0.5, 0, 0], 3, 2),      # counts 2, 1, 0, 0 as a rate of 2
+    ('multi_step', 'sum', 2, [2, 1, 0, 0], 3, 1),
+    ('multi_step', 'sum', 4, [4, 2, 1, 0], 7, 1),         # 4 = T: the default
 ])
-def test_isps_tail_neurons_on_constant_currents(tail, reduce, want, spikes, unit):
+def test_isps_tail_neurons_on_constant_currents(tail, reduce, tail_steps, want, spikes, unit):
   # 4-step trains of 3.0, 1.5, 1.2, 1.05 (tests/test_neurons.py): 1111, 0101, 0010, 0000.
   spec = model_config.spec_from_config(
-      dict(patch_embed='isps', timesteps=4, isps=dict(tail=tail, reduce=reduce)))
+      dict(patch_embed='isps', timesteps=4,
+           isps=dict(tail=tail, reduce=reduce, tail_steps=tail_steps)))
   current = jnp.array([[3.0, 1.5, 1.2, 1.05]], jnp.float32)      # one image, four neurons
   out, count, per_unit = layers.SPS(spec).apply({}, current, 1, tail, method=layers.SPS.fire)
   np.testing.assert_allclose(np.asarray(out), [want], rtol=1e-7)

@@ -67,6 +67,7 @@ def test_wrong_image_shape_is_a_clear_error(shape, match):
     ({'isps.tail': 'multi_step,single_step'}, 'one mode or 4 comma-separated'),
     ({'isps.tail': 'multi_step,single_step,single_step,any_step'}, "'any_step' is not valid"),
     ({'isps.tail': 'single_step,single_step,multi_step,single_step'}, 'both be multi_step'),
+    ({'isps.tail_steps': -1}, 'tail_steps=-1'),
 ])
 def test_bad_config_values_are_clear_errors(override, match):
   with pytest.raises(ValueError, match=match):
@@ -89,7 +90,8 @@ DEFAULT_MODEL_GROUP = {
     'remat_policy': 'dots_saveable', 'unroll_time': True, 'unroll_scans': False,
     'neuron': {'tau': 2.0, 'v_threshold': 1.0, 'attn_v_threshold': 0.5, 'v_reset': 0.0,
                'surrogate': 'sigmoid', 'alpha': 4.0, 'detach_reset': True},
-    'isps': {'reduce': 'mean', 'integrate_at': 'first_lif', 'tail': 'single_step'},
+    'isps': {'reduce': 'mean', 'integrate_at': 'first_lif', 'tail': 'single_step',
+             'tail_steps': 0},
     'halt': {'mode': 'none', 'eps': 0.01, 'channel': 0, 'gamma': 1.0, 'beta': -3.0,
              'learnable': False, 'soft_mask': False, 'soft_temperature': 0.05,
              'prior': 'act_weight', 'target_cell': 0.75, 'target_sigma': 1.0, 'alpha_p': 5e-4,
