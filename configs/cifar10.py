@@ -13,9 +13,11 @@ implemented. Expected: about the Spikformer-4-384 baseline's 95.19% top-1
 paper reports 45.9% less energy on CIFAR-10). On the offline demo data STAS with this
 config's single-step I-SPS tail trails its Spikformer by 2.4 points for 55% less energy, with
 --config.model.isps.tail=multi_step,single_step,single_step,single_step by 1.2 points for 45%
-less, and with the demo's tail (multi_step,multi_step,single_step,single_step) by 0.3 points
-for 24% less (README "Studies"), so expect a gap. Not yet run:
-no CIFAR data on the development machine.
+less, with LIF1 and LIF2 counting over 4 steps
+(--config.model.isps.tail=multi_step,multi_step,single_step,single_step) by 0.3 points for 24%
+less, and with the demo's tail (the same, counting over 2 steps: add
+--config.model.isps.tail_steps=2) by 0.26 points for 47% less over 5 seeds (README "Studies"),
+so try that tail and expect a gap. Not yet run: no CIFAR data on the development machine.
 """
 from configs import default
 

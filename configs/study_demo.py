@@ -2,15 +2,26 @@
 {SPS, I-SPS} x {none, spatial, temporal, spatiotemporal} grid, every row with seeds 0, 1, 2 at
 the demo's own budget (14 epochs of batch 64), mean +- std in the table.
 
-Commands (README "Studies"; the grid's I-SPS rows count spikes in LIF1 only, the demo default
-until 2026-12-04, hence the tail override; TAIL stands for
---config.model.isps.tail=multi_step,single_step,single_step,single_step):
+STAS as the demo trains it (LIF1 and LIF2 counting over 2 steps) against Spikformer, 5 seeds
+(2026-12-07, AMD EPYC; an SPS run trained in about 11 minutes, an I-SPS run in about 5):
+  python -m stas_jax.ablate --config=configs/demo.py --study_config=configs/study_demo.py \
+      --study_config.run_plots=False --out=runs/study_ts2 --rows=sps-none,isps-spatiotemporal \
+      --seeds=0,1,2,3,4
+gave Spikformer 98.26 +- 0.18 % at 7.03 +- 0.22 uJ and STAS 98.00 +- 0.31 % at 3.75 +- 0.16 uJ
+(0.26 points down for 46.6 % less energy; seeds 0-2 alone 98.03 +- 0.25 % at 3.66 uJ against
+98.37 +- 0.12 % at 7.04, 0.34 points down for 48.0 % less).
+
+Commands of the runs made before the 2-step tail (README "Studies"; they count over T = 4
+steps, hence --config.model.isps.tail_steps=0; the grid's I-SPS rows count spikes in LIF1
+only, the demo default until 2026-12-04; TAIL stands for
+--config.model.isps.tail=multi_step,single_step,single_step,single_step
+--config.model.isps.tail_steps=0):
   python -m stas_jax.ablate --config=configs/demo.py --study_config=configs/study_demo.py TAIL \
       --out=runs/study --rows=sps-none,isps-none,isps-spatial,isps-temporal,isps-spatiotemporal
   python -m stas_jax.ablate --config=configs/demo.py --study_config=configs/study_demo.py TAIL \
       --out=runs/study                                       # the whole grid, 24 runs
   python -m stas_jax.ablate --config=configs/demo.py --study_config=configs/study_demo.py \
-      --out=runs/study_ms2 --rows=isps-spatiotemporal       # STAS as the demo trains it
+      --config.model.isps.tail_steps=0 --out=runs/study_ms2 --rows=isps-spatiotemporal
 
 Rerunning reuses the finished runs, so the second command adds the 9 runs the first lacks
 (`--study_config.run_plots=False` skips each run's own figures, minutes per SPS run).
@@ -20,13 +31,15 @@ sps-spatiotemporal --study_config.run_plots=False): Spikformer (sps-none) 98.37 
 7.04 +- 0.31 uJ per image; STAS with the LIF1-counting tail (isps-spatiotemporal) 97.13 +- 0.68 %
 at 3.90 +- 0.19 uJ (44.5 % less energy, 1.2 points less accurate); sps-spatiotemporal
 97.53 +- 0.74 % at 5.18 uJ (26.4 % less, 0.8 points down); the rest in the README table. The
-third command (2026-12-04, AMD EPYC, with --study_config.run_plots=False): 98.03 +- 0.70 % at
+third command (LIF1 and LIF2 counting over 4 steps, 2026-12-04, AMD EPYC, with
+--study_config.run_plots=False): 98.03 +- 0.70 % at
 5.38 +- 0.31 uJ (23.6 % less, 0.33 points down). On the Xeon an SPS run trains in about 9.5
 minutes and an I-SPS run in about 4, alone on the machine; on the EPYC an SPS run took about
 20 minutes with its figures, an I-SPS run of the demo default 4.5 minutes without.
 
-The energy loss on both arms (2026-12-06, AMD EPYC; an SPS run trained in 10-12 minutes, an I-SPS
-run in 4.1-4.6, without figures):
+The energy loss on both arms, with LIF1 and LIF2 counting over 4 steps (every I-SPS command
+below also takes --config.model.isps.tail_steps=0; 2026-12-06, AMD EPYC; an SPS run trained in
+10-12 minutes, an I-SPS run in 4.1-4.6, without figures):
   python -m stas_jax.ablate --config=configs/demo.py --study_config=configs/study_demo.py \
       --study_config.run_plots=False --config.energy_loss_weight=0.005 \
       --out=runs/study_e005 --rows=sps-none,isps-spatiotemporal --seeds=0,1,2,3,4
@@ -44,7 +57,10 @@ machine; an SPS run trained in 10.7-11.6 minutes, an I-SPS run in 4.2-4.8):
 gave 98.26 +- 0.18 % at 7.03 +- 0.22 uJ (seeds 0-2 repeat the grid's runs exactly) and
 97.84 +- 0.18 % at 4.31 +- 0.39 uJ; with --config.energy_loss_weight=0.0055 (no alpha_p
 override) --out=runs/study_e0055 --rows=isps-spatiotemporal --seeds=0,1,2,3,4, STAS gave
-97.98 +- 0.24 % at 4.20 +- 0.18 uJ (I-SPS runs of 4.5-5.1 minutes on a busier host).
+97.98 +- 0.24 % at 4.20 +- 0.18 uJ (I-SPS runs of 4.5-5.1 minutes on a busier host); with
+the loss at 0.0055 warmed up from 0 over the first 434 steps
+(--config.energy_loss_warmup_steps=434, --out=runs/study_e0055_w434, seeds 0-2,
+2026-12-07), 98.20 +- 0.36 % at 4.62 +- 0.44 uJ.
 """
 from stas_jax import ablate
 
