@@ -16,7 +16,7 @@ config's single-step I-SPS tail trails its Spikformer by 2.4 points for 55% less
 less, with LIF1 and LIF2 counting over 4 steps
 (--config.model.isps.tail=multi_step,multi_step,single_step,single_step) by 0.3 points for 24%
 less, and with the demo's tail (the same, counting over 2 steps: add
---config.model.isps.tail_steps=2) by 0.26 points for 47% less over 5 seeds (README "Studies"),
+--config.model.isps.tail_steps=2) by 0.26-0.36 points for 47-48% less over 5 and 8 seeds (README "Studies"),
 so try that tail and expect a gap. Not yet run: no CIFAR data on the development machine.
 """
 from configs import default
