@@ -45,10 +45,10 @@ class ISPSSpec:
     'multi_step,single_step,single_step,single_step'); LIF3 and the RPE LIF, whose outputs add
     up to the token map, must both be multi_step or both not.
   tail_steps: how many steps the any_spike and multi_step tail neurons run on their constant
-    current (0: T, the timesteps). A neuron of tau 2 driven by a current I fires
-    floor-like counts: over 4 steps 0, 1, 2 or 4 spikes (thresholds 16/15, 4/3, 2), over 2 steps
-    0, 1 or 2 (thresholds 4/3, 2), so fewer steps keep the strong and middle currents apart at
-    about half the spikes. LIF0 always runs T steps.
+    current (0: T, the timesteps). A neuron of tau 2 on a constant current I fires 0, 1, 2 or 4
+    times over 4 steps (from I = 16/15, 4/3 and 2 on) and 0, 1 or 2 times over 2 steps (from 4/3
+    and 2 on), so 2 steps keep the strong and middle currents apart at about half the spikes.
+    LIF0 always runs T steps.
   """
   reduce: str = 'mean'            # 'mean' | 'sum' over the spikes of an integrating LIF
   integrate_at: str = 'first_lif'  # 'first_lif' | 'sps_output'
