@@ -14,8 +14,8 @@ Spikformer baseline of the same budget and about a third of a point below its ac
 (seeds 0-4: 98.00 +- 0.31 %, 98.3, 97.8, 98.0, 97.6, 98.3, at 3.75 +- 0.16 uJ against
 Spikformer's 98.26 +- 0.18 % at 7.03 uJ, 0.26 points down for 46.6 % less; seeds 0-7:
 97.79 +- 0.48 % at 3.65 uJ against 98.15 +- 0.27 % at 6.96, 0.36 points down for 47.6 % less;
-seeds 0-2: 98.03 +- 0.25 % at 3.66 uJ against 98.37 +- 0.12 % at 7.04, 0.34 points down for
-48.0 % less; 2026-12-07, AMD EPYC; README "Studies"):
+seeds 0-2: 98.03 +- 0.25 % at 3.66 uJ against 98.37 +- 0.12 % at 7.04, 0.33 points down for
+47.9 % less; 2026-12-07, AMD EPYC; README "Studies"):
   python -m stas_jax.ablate --config=configs/demo.py --study_config=configs/study_demo.py \
       --study_config.run_plots=False --out=runs/study_ts2 --rows=sps-none,isps-spatiotemporal \
       --seeds=0,1,2,3,4,5,6,7

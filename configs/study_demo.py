@@ -9,7 +9,7 @@ STAS as the demo trains it (LIF1 and LIF2 counting over 2 steps) against Spikfor
       --seeds=0,1,2,3,4
 gave Spikformer 98.26 +- 0.18 % at 7.03 +- 0.22 uJ and STAS 98.00 +- 0.31 % at 3.75 +- 0.16 uJ
 (0.26 points down for 46.6 % less energy; seeds 0-2 alone 98.03 +- 0.25 % at 3.66 uJ against
-98.37 +- 0.12 % at 7.04, 0.34 points down for 48.0 % less); with --seeds=0,1,2,3,4,5,6,7
+98.37 +- 0.12 % at 7.04, 0.33 points down for 47.9 % less); with --seeds=0,1,2,3,4,5,6,7
 (Spikformer runs of about 13 minutes), Spikformer 98.15 +- 0.27 % at 6.96 +- 0.20 uJ and STAS
 97.79 +- 0.48 % at 3.65 +- 0.19 uJ (0.36 points down for 47.6 % less).
 
