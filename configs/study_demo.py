@@ -13,9 +13,22 @@ gave Spikformer 98.26 +- 0.18 % at 7.03 +- 0.22 uJ and STAS 98.00 +- 0.31 % at 3
 (Spikformer runs of about 13 minutes), Spikformer 98.15 +- 0.27 % at 6.96 +- 0.20 uJ and STAS
 97.79 +- 0.48 % at 3.65 +- 0.19 uJ (0.36 points down for 47.6 % less).
 
+The grid with the demo default's I-SPS rows, seeds 0-2 (2026-12-07, AMD EPYC; sps-none and
+isps-spatiotemporal are the runs above, copied into the --out; the other I-SPS runs trained in
+about 5 minutes each):
+  python -m stas_jax.ablate --config=configs/demo.py --study_config=configs/study_demo.py \
+      --study_config.run_plots=False --out=runs/study_grid_ts2 \
+      --rows=sps-none,isps-none,isps-spatial,isps-temporal,isps-spatiotemporal
+gave isps-none 97.90 +- 0.50 % at 5.09 uJ (27.7 % less than Spikformer), isps-spatial
+97.97 +- 0.21 % at 5.23 uJ (halts nothing), isps-temporal 97.43 +- 0.21 % at 3.82 uJ and
+isps-spatiotemporal (STAS) 98.03 +- 0.25 % at 3.66 uJ (47.9 % less, 0.33 points down); the SPS
+rows with halting are the 2026-12-03 runs below. Half the ponder weight
+(--config.model.halt.alpha_p=0.0025 --out=runs/study_ts2_p0025 --rows=isps-spatiotemporal
+--seeds=0,1,2,3,4,5,6,7) gave 97.74 +- 0.23 % at 3.80 +- 0.17 uJ.
+
 Commands of the runs made before the 2-step tail (README "Studies"; they count over T = 4
-steps, hence --config.model.isps.tail_steps=0; the grid's I-SPS rows count spikes in LIF1
-only, the demo default until 2026-12-04; TAIL stands for
+steps, hence --config.model.isps.tail_steps=0; the 2026-12-03 grid's I-SPS rows count spikes
+in LIF1 only, the demo default until 2026-12-04; TAIL stands for
 --config.model.isps.tail=multi_step,single_step,single_step,single_step
 --config.model.isps.tail_steps=0):
   python -m stas_jax.ablate --config=configs/demo.py --study_config=configs/study_demo.py TAIL \
