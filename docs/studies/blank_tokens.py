@@ -10,6 +10,7 @@ encoder-input spikes per token per timestep.
 import sys
 from typing import Dict
 
+import einops
 import numpy as np
 
 
@@ -18,10 +19,8 @@ def blank_tokens(images: np.ndarray, patch_size: int) -> np.ndarray:
 
   Tokens are numbered in raster order of the (H / p) x (W / p) patch grid.
   """
-  b, height, width = images.shape
-  gh, gw = height // patch_size, width // patch_size
-  patches = images.reshape(b, gh, patch_size, gw, patch_size).transpose(0, 1, 3, 2, 4)
-  return patches.reshape(b, gh * gw, -1).max(-1) <= images.min() + 1e-6
+  peak = einops.reduce(images, 'b (gh p) (gw q) -> b (gh gw)', 'max', p=patch_size, q=patch_size)
+  return peak <= images.min() + 1e-6
 
 
 def group_stats(active: np.ndarray, h: np.ndarray, spikes: np.ndarray,
@@ -48,8 +47,7 @@ def main(workdir: str) -> None:
   keep = np.asarray(batch['mask']) > 0
   blank = blank_tokens(np.asarray(images)[keep, ..., 0], config.model.patch_size)
   hp = config.model.halt
-  gamma, beta = ((variables['params']['halt_gamma'], variables['params']['halt_beta'])
-                 if hp.learnable else (hp.gamma, hp.beta))
+  gamma, beta = model.apply(variables, method=model.halting_params)
   z = np.asarray(aux['block_outputs'])[:, :, keep]                  # (T, L, B, N, D)
   h = np.asarray(halting.halting_score(z, gamma, beta, hp.channel))
   active = np.asarray(aux['active'])[:, :, keep]                    # (T, L, B, N)
