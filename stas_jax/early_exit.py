@@ -108,6 +108,7 @@ class _Plan:
   u: jax.Array                        # (T, B * N, D) encoder input
   gamma: jax.Array                    # halting-score parameters
   beta: jax.Array
+  head: Any                           # the linear score's (w, b), or None (`STAS.score_head`)
   batch: int
   caps: Tuple[int, ...]               # buffer capacities, largest (B * N) first
   stats_shape: Any                    # shapes and dtypes of one block's stats
@@ -147,6 +148,7 @@ def _make_plan(model: STAS, variables: Dict[str, Any], images: jax.Array,
   T, N, D = spec.timesteps, spec.num_tokens, spec.dim
   u, sps_aux = model.apply(variables, images, False, method=STAS.embed)
   gamma, beta = model.apply(variables, method=STAS.halting_params)
+  head = model.apply(variables, method=STAS.score_head)
   stacked = {k: variables[k]['encoder']['blocks']['block'] for k in ('params', 'batch_stats')}
   block = layers.SSABlock(spec, train=False)
   batch = images.shape[0]
@@ -157,8 +159,8 @@ def _make_plan(model: STAS, variables: Dict[str, Any], images: jax.Array,
   stats_shape = jax.eval_shape(lambda: block.apply(
       blocks[0], u[0].reshape((batch, N, D)), jnp.ones((batch, N)),
       layers.block_membranes(spec, batch))[2])
-  plan = _Plan(spec=spec, block=block, blocks=blocks, u=u, gamma=gamma, beta=beta, batch=batch,
-               caps=caps, stats_shape=stats_shape)
+  plan = _Plan(spec=spec, block=block, blocks=blocks, u=u, gamma=gamma, beta=beta, head=head,
+               batch=batch, caps=caps, stats_shape=stats_shape)
   return plan, sps_aux
 
 
@@ -204,7 +206,7 @@ def _run_timestep(plan: _Plan, lay: TokenLayout, t, buf: _Buffer, mem, rec, run)
     new_mem.append(mem_l)
     active = hs.mask
     hs, weight = halting.cell_update(spec.halt, hs, z, t, l, spec.timesteps, spec.depth,
-                                     plan.gamma, plan.beta)
+                                     plan.gamma, plan.beta, head=plan.head)
     cell = {'active': on_grid(active), 'weight': on_grid(weight), 'stats': stats}
     rec = _record(rec, cell, t * spec.depth + l)
   return t + 1, _Buffer(buf.rows, hs), tuple(new_mem), rec, run

@@ -13,6 +13,13 @@ Counting rules, per image:
     9*C_out (the zero-padded border, where a pixel reaches fewer than 9 outputs, is ignored),
     Q K^T costs sum(Q) * (active tokens), and (Q K^T) V costs sum(unscaled Q K^T map) * head_dim
     (the 0.125 scale is a power-of-two shift).
+  * The halting score: the channel rule reads one value of the block output and costs nothing
+    here (its sigmoid and the ACT accumulation are per token, not per synapse, and are not
+    counted, as in the paper). The linear score (`halt.score = 'linear'`) reads the whole block
+    output z_out, a sum of spike counts, with a D -> 1 weight vector: (spikes in z_out of the
+    active tokens) accumulates at every scoring cell (`halting.scoring_cells`, including the
+    last cell, whose score is not needed), counted in the MLP group as `mlp.halt_score`
+    because it reads the MLP's output.
   * What counts as spikes: a binary spike is one; an integer input (a spike count, the RPE sums
     in {0, 1, 2}) is that many; a count times a constant that folds into the next layer's
     weights is its count, so a mean of T spikes that sums to v costs T * v, not v
@@ -32,6 +39,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from stas_jax import halting
 from stas_jax.model_config import ModelSpec, spec_from_config
 
 E_MAC_PJ = 4.6
@@ -45,7 +53,7 @@ SPS_SOP_LAYERS = ('patch_embed.proj_conv1', 'patch_embed.proj_conv2', 'patch_emb
                   'patch_embed.rpe_conv')
 ATTENTION_SOP_LAYERS = ('attention.q_linear', 'attention.k_linear', 'attention.v_linear',
                         'attention.qk', 'attention.qk_v', 'attention.proj_linear')
-MLP_SOP_LAYERS = ('mlp.fc1_linear', 'mlp.fc2_linear')
+MLP_SOP_LAYERS = ('mlp.fc1_linear', 'mlp.fc2_linear', 'mlp.halt_score')
 # LIF layers as named in the PyTorch reference (the fixture's firing_rates_json).
 SPS_LIFS = ('proj_lif', 'proj_lif1', 'proj_lif2', 'proj_lif3', 'rpe_lif')
 ATTN_LIFS = ('q_lif', 'k_lif', 'v_lif', 'attn_lif', 'proj_lif')
@@ -156,7 +164,11 @@ def estimate(aux: Mapping[str, Any], model_config, *, e_mac_pj: float = E_MAC_PJ
       'attention.proj_linear': per_image(bs['attn_lif']) * s.dim,
       'mlp.fc1_linear': per_image(bs['x_mid']) * s.hidden_dim,
       'mlp.fc2_linear': per_image(bs['fc1_lif']) * s.dim,
+      'mlp.halt_score': jnp.zeros((batch,), jnp.float32),
   }
+  if s.halt.linear_score:  # z_out = z_mid + the fc2 spikes (masked), over active tokens
+    cells = jnp.asarray(halting.scoring_cells(s.halt.mode, steps, depth), jnp.float32)
+    sops['mlp.halt_score'] = jnp.einsum('tl,tlb->b', cells, bs['x_mid'] + bs['fc2_lif'])
   layers_of = {'patch_embed': SPS_SOP_LAYERS, 'attention': ATTENTION_SOP_LAYERS,
                'mlp': MLP_SOP_LAYERS}
   for group, names in layers_of.items():

@@ -14,6 +14,11 @@ MODES = ('none', 'spatial', 'temporal', 'spatiotemporal')
 # A-ViT's form: the per-cell mean of the raw halting score h, with a Gaussian over the
 # timesteps on the last-block cells (zero target elsewhere).
 PRIORS = ('act_weight', 'avit')
+# Where the halting score reads a token (`model.halt.score`, spec section 5): 'channel' is the
+# paper's and A-ViT's rule, one channel of the block output; 'linear' a learned linear read of
+# the whole block output (a kernel started at that channel's one-hot and a bias started at 0, so
+# it starts as the channel rule), which can tell tokens apart by more than one channel.
+SCORES = ('channel', 'linear')
 
 
 class HaltState(NamedTuple):
@@ -41,9 +46,18 @@ def init_state(batch: int, tokens: int, dim: int, dtype=jnp.float32) -> HaltStat
                    mask=ones)
 
 
-def halting_score(z: jax.Array, gamma, beta, channel: int) -> jax.Array:
-  """h = sigmoid(gamma * z[..., channel] + beta); z (B, N, D) -> (B, N)."""
-  return jax.nn.sigmoid(gamma * z[..., channel] + beta)
+def halting_score(z: jax.Array, gamma, beta, channel: int, head=None) -> jax.Array:
+  """h = sigmoid(gamma * s + beta); z (B, N, D) -> (B, N).
+
+  s = z[..., channel] for the channel score (head None), z @ w + b for the linear score
+  (head = (w (D,), b scalar)).
+  """
+  if head is None:
+    s = z[..., channel]
+  else:
+    w, b = head
+    s = jnp.einsum('...d,d->...', z, w) + b
+  return jax.nn.sigmoid(gamma * s + beta)
 
 
 def hard_mask(c: jax.Array, eps: float) -> jax.Array:
@@ -98,7 +112,7 @@ def act_step(state: HaltState, z: jax.Array, h: jax.Array, eps: float, temperatu
 
 
 def cell_update(hp, state: HaltState, z: jax.Array, t, l, timesteps: int, depth: int, gamma,
-                beta, temperature=None) -> Tuple[HaltState, jax.Array]:
+                beta, temperature=None, head=None) -> Tuple[HaltState, jax.Array]:
   """The halting update of grid cell (t, l) for the mode `hp.mode` (spec section 5).
 
   none: no halting; the readout is the mean over timesteps of the last block's output.
@@ -115,6 +129,7 @@ def cell_update(hp, state: HaltState, z: jax.Array, t, l, timesteps: int, depth:
     timesteps, depth: T and L.
     gamma, beta: halting-score parameters (scalars, possibly learnable).
     temperature: soft-mask temperature (see `act_step`); None for the hard mask.
+    head: None for the channel score, (w, b) for the linear score (see `halting_score`).
 
   Returns:
     (new state, ACT weight (B, N) of this cell's output in the readout).
@@ -125,7 +140,7 @@ def cell_update(hp, state: HaltState, z: jax.Array, t, l, timesteps: int, depth:
     weight = jnp.broadcast_to(last_block / timesteps, state.mask.shape).astype(z.dtype)
     return state._replace(out=state.out + z * weight[..., None],
                           rho=state.rho + state.mask), weight
-  h = halting_score(z, gamma, beta, hp.channel)
+  h = halting_score(z, gamma, beta, hp.channel, head)
   if hp.mode == 'spatiotemporal':
     return act_step(state, z, jnp.where(last_cell, 1.0, h), hp.eps, temperature, last_cell)
   if hp.mode == 'spatial':

@@ -17,7 +17,7 @@ class EncoderCell(nn.Module):
   """Grid cell (t, l): block l at timestep t, then the halting update for the mode.
 
   Scanned over blocks (params stacked on a leading depth axis). Carry: (z, halt state, t,
-  (gamma, beta, temperature)); scanned input: (membranes of block l, l).
+  (gamma, beta, temperature, score head)); scanned input: (membranes of block l, l).
   """
   spec: ModelSpec
   train: bool = False
@@ -36,7 +36,8 @@ class EncoderCell(nn.Module):
     hs, weight = halting.cell_update(hp, hs, z_out, t, l, s.timesteps, s.depth, *halt_params)
     ys = {'active': active, 'weight': weight, 'stats': stats}
     if hp.prior_reads_scores:
-      ys['score'] = halting.halting_score(z_out, halt_params[0], halt_params[1], hp.channel)
+      ys['score'] = halting.halting_score(z_out, halt_params[0], halt_params[1], hp.channel,
+                                          halt_params[3])
     if self.capture:
       ys['z_in'] = z
       ys['z_out'] = z_out
@@ -55,7 +56,7 @@ class Encoder(nn.Module):
 
     Args:
       u: (T, B, N, D) encoder input per timestep.
-      halt_params: (gamma, beta, temperature) for `halting.cell_update`.
+      halt_params: (gamma, beta, temperature, score head) for `halting.cell_update`.
       train, capture: batch statistics; keep block inputs/outputs in the aux.
 
     Returns:
@@ -137,12 +138,23 @@ class STAS(nn.Module):
     if s.halt.learnable:
       self.halt_gamma = self.param('halt_gamma', nn.initializers.constant(s.halt.gamma), ())
       self.halt_beta = self.param('halt_beta', nn.initializers.constant(s.halt.beta), ())
+    if s.halt.linear_score:
+      one_hot = lambda _, shape, dtype: jax.nn.one_hot(s.halt.channel, shape[0], dtype=dtype)
+      self.halt_score_kernel = self.param('halt_score_kernel', one_hot, (s.dim,), jnp.float32)
+      self.halt_score_bias = self.param('halt_score_bias', nn.initializers.zeros, (),
+                                        jnp.float32)
 
   def halting_params(self) -> Tuple[jax.Array, jax.Array]:
     """(gamma, beta) of the halting score: parameters if learnable, else config constants."""
     if self.spec.halt.learnable:
       return self.halt_gamma, self.halt_beta
     return jnp.float32(self.spec.halt.gamma), jnp.float32(self.spec.halt.beta)
+
+  def score_head(self) -> Optional[Tuple[jax.Array, jax.Array]]:
+    """(w (D,), b) of the linear halting score (`model.halt.score = 'linear'`), else None."""
+    if self.spec.halt.linear_score:
+      return self.halt_score_kernel, self.halt_score_bias
+    return None
 
   def embed(self, images: jax.Array, train: bool) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Patch embedding: (B, H, W, C) -> encoder input (T, B, N, D) and its aux sums.
@@ -198,7 +210,8 @@ class STAS(nn.Module):
     if hp.soft_mask:
       temperature = jnp.float32(hp.soft_temperature if halt_temperature is None
                                 else halt_temperature)
-    hs, ys = self.encoder(u, (gamma, beta, temperature), train=train, capture=capture)
+    hs, ys = self.encoder(u, (gamma, beta, temperature, self.score_head()), train=train,
+                          capture=capture)
     logits = self.classify(hs.out)
     aux = forward_aux(ys['active'], ys['weight'], hs.rho, ys['stats'], sps_aux, embed=u)
     if 'score' in ys:

@@ -67,6 +67,7 @@ class HaltSpec:
   """Token halting: mode, halting score h = sigmoid(gamma * z[channel] + beta), loss weights."""
   mode: str = 'none'              # 'none' | 'spatial' | 'temporal' | 'spatiotemporal'
   eps: float = 0.01
+  score: str = 'channel'          # 'channel' (z[channel]) | 'linear' (learned z @ w + b)
   channel: int = 0
   gamma: float = 1.0
   beta: float = -3.0
@@ -85,6 +86,11 @@ class HaltSpec:
     """Whether the distribution prior takes the raw halting scores (A-ViT's form, halting on),
     which the model then returns as `aux['cell_score']`."""
     return self.mode != 'none' and self.prior == 'avit'
+
+  @property
+  def linear_score(self) -> bool:
+    """Whether the score is a learned linear read of the block output (halting on)."""
+    return self.mode != 'none' and self.score == 'linear'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +253,7 @@ def _validate(s: ModelSpec):
   _validate_tail(s.isps)
   _choice(s.halt.mode, halting.MODES, 'model.halt.mode')
   _choice(s.halt.prior, halting.PRIORS, 'model.halt.prior')
+  _choice(s.halt.score, halting.SCORES, 'model.halt.score')
   _choice(s.neuron.surrogate, neurons.SURROGATES, 'model.neuron.surrogate')
   _choice(s.dtype, DTYPES, 'model.dtype')
   _choice(s.remat_policy, REMAT_POLICIES, 'model.remat_policy')

@@ -65,6 +65,7 @@ HAND_SOPS = {
     'attention.proj_linear': [(4 + 2) * 8, (3 + 1) * 8],              # 48, 32
     'mlp.fc1_linear': [(12 + 7) * 16, (9 + 3) * 16],                  # 304, 192
     'mlp.fc2_linear': [(20 + 5) * 8, (10 + 2) * 8],                   # 200, 96
+    'mlp.halt_score': [0, 0],                                         # the channel score
     'patch_embed': [3024, 1908],
     'attention': [560, 361],       # 3 * 128 + 24 + 104 + 48; 3 * 88 + 17 + 48 + 32
     'mlp': [504, 288],
@@ -103,6 +104,36 @@ HAND_ISPS_RATES = {  # I-SPS at the first LIF: LIF0 ran 2 steps, the rest once
     'patch_embed.proj_lif3': 128 / (2 * 1 * 128),
     'patch_embed.rpe_lif': 32 / (2 * 1 * 32),
 }
+
+
+def test_linear_halting_score_costs_the_block_outputs_spikes_at_scoring_cells():
+  # z_out = z_mid + fc2 spikes over active tokens: image 0 (12 + 6) + (7 + 2) = 27, image 1
+  # (9 + 4) + (3 + 1) = 17 accumulates when both cells score (spatiotemporal); temporal mode
+  # scores after the last block of every timestep, which with L = 1 is the same two cells.
+  for mode in ('spatiotemporal', 'temporal', 'spatial'):
+    cfg = dict(TINY, halt=dict(mode=mode, score='linear'))
+    out = energy.estimate(tiny_aux(), cfg)
+    np.testing.assert_array_equal(out['sops']['mlp.halt_score'], [27, 17], err_msg=mode)
+    base = energy.estimate(tiny_aux(), dict(TINY, halt=dict(mode=mode)))
+    np.testing.assert_allclose(out['energy_mj'] - base['energy_mj'],
+                               np.array([27, 17]) * 0.9e-9, rtol=1e-5, err_msg=mode)
+  # The score is never computed without halting, whatever `score` says.
+  none = energy.estimate(tiny_aux(), dict(TINY, halt=dict(mode='none', score='linear')))
+  np.testing.assert_array_equal(none['sops']['mlp.halt_score'], [0, 0])
+
+
+def test_linear_score_counts_only_the_scoring_cells():
+  # T = 2, L = 2, temporal: only the last block scores; give the first block's cells large
+  # sums that must not count.
+  cfg = dict(TINY, depth=2, halt=dict(mode='temporal', score='linear'))
+  aux = tiny_aux()
+  aux['active'] = np.ones((2, 2, 2, 4), np.float32)
+  stats = {}
+  for k, v in aux['block_stats'].items():
+    stats[k] = np.stack([np.full_like(v[:, 0], 100.0), v[:, 0]], axis=1)   # (T, L=2, B)
+  aux['block_stats'] = stats
+  out = energy.estimate(aux, cfg)
+  np.testing.assert_array_equal(out['sops']['mlp.halt_score'], [27, 17])
 
 
 def test_hand_counted_sops_and_energy():

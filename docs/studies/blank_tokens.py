@@ -48,8 +48,9 @@ def main(workdir: str) -> None:
   blank = blank_tokens(np.asarray(images)[keep, ..., 0], config.model.patch_size)
   hp = config.model.halt
   gamma, beta = model.apply(variables, method=model.halting_params)
+  head = model.apply(variables, method=model.score_head)            # None: the channel rule
   z = np.asarray(aux['block_outputs'])[:, :, keep]                  # (T, L, B, N, D)
-  h = np.asarray(halting.halting_score(z, gamma, beta, hp.channel))
+  h = np.asarray(halting.halting_score(z, gamma, beta, hp.channel, head))
   active = np.asarray(aux['active'])[:, :, keep]                    # (T, L, B, N)
   spikes = np.asarray(aux['block_inputs'])[0, 0][keep].sum(-1)      # (B, N)
   print(f'{len(blank)} images, {blank.shape[1]} tokens each, blank share {blank.mean():.3f}')
