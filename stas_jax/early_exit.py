@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from stas_jax import halting
 from stas_jax import layers
-from stas_jax.model import STAS, forward_aux
+from stas_jax.model import READOUT_KEYS, STAS, block_state, forward_aux
 from stas_jax.model_config import ModelSpec
 
 DEFAULT_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
@@ -188,7 +188,8 @@ def _record(rec: Dict[str, Any], cell: Dict[str, Any], index) -> Dict[str, Any]:
 
 
 def _run_timestep(plan: _Plan, lay: TokenLayout, t, buf: _Buffer, mem, rec, run):
-  """The L blocks at timestep t on the buffer rows; `mem` holds every token's membranes.
+  """The L blocks at timestep t on the buffer rows; `mem` holds every token's membranes (and
+  with readout 'rate' each block's running output sums, `model.block_state`) in grid layout.
 
   Returns the next while-loop carry (t + 1, buffer, membranes, records, rows run).
   """
@@ -198,15 +199,24 @@ def _run_timestep(plan: _Plan, lay: TokenLayout, t, buf: _Buffer, mem, rec, run)
   z = plan.u[t] if full else lay.take(plan.u[t])
   on_grid = (lambda a: a) if full else lay.spread
   new_mem = []
+  take = (lambda a: a) if full else lay.take
+  put = (lambda flat, a: a) if full else lay.put
   for l, params in enumerate(plan.blocks):
     pending = jnp.any(hs.mask > 0)
+    lifs = {k: v for k, v in mem[l].items() if k not in READOUT_KEYS}
     z, mem_l, stats = jax.lax.cond(pending, functools.partial(_run_block, plan, lay, params),
-                                   functools.partial(_skip_block, plan), z, hs, mem[l])
+                                   functools.partial(_skip_block, plan), z, hs, lifs)
     run = run + pending * buf.rows.shape[0]
+    value = None
+    if spec.halt.rate_readout:  # the running time-mean of block l's outputs, per token
+      total, count, value = halting.rate_update(take(mem[l]['readout_sum']),
+                                                take(mem[l]['readout_count']), z, hs.mask)
+      mem_l = dict(mem_l, readout_sum=put(mem[l]['readout_sum'], total),
+                   readout_count=put(mem[l]['readout_count'], count))
     new_mem.append(mem_l)
     active = hs.mask
     hs, weight = halting.cell_update(spec.halt, hs, z, t, l, spec.timesteps, spec.depth,
-                                     plan.gamma, plan.beta, head=plan.head)
+                                     plan.gamma, plan.beta, head=plan.head, value=value)
     cell = {'active': on_grid(active), 'weight': on_grid(weight), 'stats': stats}
     rec = _record(rec, cell, t * spec.depth + l)
   return t + 1, _Buffer(buf.rows, hs), tuple(new_mem), rec, run
@@ -246,8 +256,8 @@ def _initial_state(plan: _Plan):
   spec = plan.spec
   cells, pool = spec.timesteps * spec.depth, plan.pool
   hs0 = jax.tree.map(plan.flat, halting.init_state(plan.batch, spec.num_tokens, spec.dim))
-  mem0 = tuple({k: jnp.zeros((pool, a.shape[-1]), a.dtype)
-                for k, a in layers.block_membranes(spec, 1).items()} for _ in range(spec.depth))
+  mem0 = tuple(jax.tree.map(plan.flat, block_state(spec, plan.batch))
+               for _ in range(spec.depth))
   start = _Buffer(jnp.arange(pool, dtype=jnp.int32), hs0)
   rec0 = {'active': jnp.zeros((cells, pool), jnp.float32),
           'weight': jnp.zeros((cells, pool), jnp.float32),

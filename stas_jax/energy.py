@@ -6,7 +6,8 @@ Counting rules, per image:
     because the image is static and repeating the conv over T (as the PyTorch reference does)
     recomputes the same values. This holds for SPS and I-SPS alike.
   * The head (Linear D -> classes on the analog readout) costs D*classes MACs. Its bias, the
-    token/time means of the readout, BatchNorm (folded into the weights at inference) and the
+    token/time means of the readout (and the running time-means of halting readout 'rate'),
+    BatchNorm (folded into the weights at inference) and the
     residual additions are not counted.
   * Every other layer costs accumulates (SOPs), from the actual activations over active tokens:
     a linear layer costs (spikes in its input) * fan_out, a 3x3 conv (spikes in its input) *

@@ -19,6 +19,11 @@ PRIORS = ('act_weight', 'avit')
 # the whole block output (a kernel started at that channel's one-hot and a bias started at 0, so
 # it starts as the channel rule), which can tell tokens apart by more than one channel.
 SCORES = ('channel', 'linear')
+# What a halting mode's ACT accumulates at cell (t, l) (`model.halt.readout`, spec section 5):
+# 'cell', the block's output there (the paper's and A-ViT's ACT); 'rate', the mean of block l's
+# outputs over the timesteps the token has been processed by it so far (`rate_update`), so a
+# token that never halts is read out as Spikformer reads every token, by its time-mean.
+READOUTS = ('cell', 'rate')
 
 
 class HaltState(NamedTuple):
@@ -111,8 +116,27 @@ def act_step(state: HaltState, z: jax.Array, h: jax.Array, eps: float, temperatu
   return HaltState(c=c, r=r, rho=rho, out=out, mask=new_mask), weight
 
 
+def rate_update(total: jax.Array, count: jax.Array, z: jax.Array,
+                mask: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """Adds one timestep's block output to a token's running time-mean (readout 'rate').
+
+  Args:
+    total: (..., D) sum of the block's outputs over the timesteps the token was processed.
+    count: (...,) that number of timesteps (mask-weighted).
+    z: (..., D) the block's output at this timestep.
+    mask: (...,) 1 where the token was processed now.
+
+  Returns:
+    (new total, new count, the mean total / count; z itself where count is still 0).
+  """
+  total = total + mask[..., None] * z
+  count = count + mask
+  safe = jnp.maximum(count, 1e-6)[..., None]
+  return total, count, jnp.where(count[..., None] > 0, total / safe, z)
+
+
 def cell_update(hp, state: HaltState, z: jax.Array, t, l, timesteps: int, depth: int, gamma,
-                beta, temperature=None, head=None) -> Tuple[HaltState, jax.Array]:
+                beta, temperature=None, head=None, value=None) -> Tuple[HaltState, jax.Array]:
   """The halting update of grid cell (t, l) for the mode `hp.mode` (spec section 5).
 
   none: no halting; the readout is the mean over timesteps of the last block's output.
@@ -130,6 +154,8 @@ def cell_update(hp, state: HaltState, z: jax.Array, t, l, timesteps: int, depth:
     gamma, beta: halting-score parameters (scalars, possibly learnable).
     temperature: soft-mask temperature (see `act_step`); None for the hard mask.
     head: None for the channel score, (w, b) for the linear score (see `halting_score`).
+    value: what the ACT accumulates (readout 'rate': the running time-mean of the block's
+      outputs); None accumulates z. The score always reads z. Mode none ignores it.
 
   Returns:
     (new state, ACT weight (B, N) of this cell's output in the readout).
@@ -141,12 +167,13 @@ def cell_update(hp, state: HaltState, z: jax.Array, t, l, timesteps: int, depth:
     return state._replace(out=state.out + z * weight[..., None],
                           rho=state.rho + state.mask), weight
   h = halting_score(z, gamma, beta, hp.channel, head)
+  v = z if value is None else value
   if hp.mode == 'spatiotemporal':
-    return act_step(state, z, jnp.where(last_cell, 1.0, h), hp.eps, temperature, last_cell)
+    return act_step(state, v, jnp.where(last_cell, 1.0, h), hp.eps, temperature, last_cell)
   if hp.mode == 'spatial':
-    return act_step(state, z / timesteps, jnp.where(last_block, 1.0, h), hp.eps, temperature,
+    return act_step(state, v / timesteps, jnp.where(last_block, 1.0, h), hp.eps, temperature,
                     last_block)
-  new_state, weight = act_step(state, z, jnp.where(last_cell, 1.0, h), hp.eps, temperature,
+  new_state, weight = act_step(state, v, jnp.where(last_cell, 1.0, h), hp.eps, temperature,
                                last_cell)
   new_state = jax.tree.map(lambda a, b: jnp.where(last_block, a, b), new_state, state)
   return new_state, jnp.where(last_block, weight, 0.0)

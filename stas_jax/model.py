@@ -17,7 +17,8 @@ class EncoderCell(nn.Module):
   """Grid cell (t, l): block l at timestep t, then the halting update for the mode.
 
   Scanned over blocks (params stacked on a leading depth axis). Carry: (z, halt state, t,
-  (gamma, beta, temperature, score head)); scanned input: (membranes of block l, l).
+  (gamma, beta, temperature, score head)); scanned input: (per-token state of block l: its LIF
+  membranes and, with readout 'rate', the running sum and count of its outputs, l).
   """
   spec: ModelSpec
   train: bool = False
@@ -31,9 +32,17 @@ class EncoderCell(nn.Module):
     s = self.spec
     hp = s.halt
     active = hs.mask
-    z_out, mem, stats = layers.SSABlock(s, self.train, self.bn_axis_name, name='block')(
-        z, active, mem)
-    hs, weight = halting.cell_update(hp, hs, z_out, t, l, s.timesteps, s.depth, *halt_params)
+    lifs = {k: v for k, v in mem.items() if k not in READOUT_KEYS}
+    z_out, lifs, stats = layers.SSABlock(s, self.train, self.bn_axis_name, name='block')(
+        z, active, lifs)
+    value = None
+    if hp.rate_readout:
+      total, count, value = halting.rate_update(mem['readout_sum'], mem['readout_count'], z_out,
+                                                active)
+      lifs = dict(lifs, readout_sum=total, readout_count=count)
+    mem = lifs
+    hs, weight = halting.cell_update(hp, hs, z_out, t, l, s.timesteps, s.depth, *halt_params,
+                                     value=value)
     ys = {'active': active, 'weight': weight, 'stats': stats}
     if hp.prior_reads_scores:
       ys['score'] = halting.halting_score(z_out, halt_params[0], halt_params[1], hp.channel,
@@ -81,7 +90,7 @@ class Encoder(nn.Module):
       (_, hs, _, _), (mem, ys) = mdl((u_t, hs, t, halt_params), (mem, jnp.arange(s.depth)))
       return (mem, hs), ys
 
-    one_block = layers.block_membranes(s, batch)
+    one_block = block_state(s, batch)
     mem0 = jax.tree.map(lambda a: jnp.broadcast_to(a, (s.depth,) + a.shape), one_block)
     hs0 = halting.init_state(batch, s.num_tokens, s.dim)
     ts = jnp.arange(s.timesteps)
@@ -220,6 +229,20 @@ class STAS(nn.Module):
       aux['block_inputs'] = ys['z_in']
       aux['block_outputs'] = ys['z_out']
     return logits, aux
+
+
+# Per-token, per-block state beside the LIF membranes with readout 'rate' (`halting.rate_update`).
+READOUT_KEYS = ('readout_sum', 'readout_count')
+
+
+def block_state(spec: ModelSpec, batch: int) -> Dict[str, jax.Array]:
+  """Fresh per-token state of one block: its LIF membranes (`layers.block_membranes`) and,
+  with readout 'rate', the zero sum (B, N, D) and count (B, N) of its outputs over time."""
+  state = layers.block_membranes(spec, batch)
+  if spec.halt.rate_readout:
+    state['readout_sum'] = jnp.zeros((batch, spec.num_tokens, spec.dim), jnp.float32)
+    state['readout_count'] = jnp.zeros((batch, spec.num_tokens), jnp.float32)
+  return state
 
 
 def forward_aux(active: jax.Array, cell_weight: jax.Array, ponder: jax.Array,

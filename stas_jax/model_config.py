@@ -68,6 +68,8 @@ class HaltSpec:
   mode: str = 'none'              # 'none' | 'spatial' | 'temporal' | 'spatiotemporal'
   eps: float = 0.01
   score: str = 'channel'          # 'channel' (z[channel]) | 'linear' (learned z @ w + b)
+  readout: str = 'cell'           # what ACT accumulates: 'cell' (the block output) | 'rate'
+                                  # (the block's running time-mean of its outputs)
   channel: int = 0
   gamma: float = 1.0
   beta: float = -3.0
@@ -86,6 +88,11 @@ class HaltSpec:
     """Whether the distribution prior takes the raw halting scores (A-ViT's form, halting on),
     which the model then returns as `aux['cell_score']`."""
     return self.mode != 'none' and self.prior == 'avit'
+
+  @property
+  def rate_readout(self) -> bool:
+    """Whether ACT accumulates each block's running time-mean (halting on, readout 'rate')."""
+    return self.mode != 'none' and self.readout == 'rate'
 
   @property
   def linear_score(self) -> bool:
@@ -254,6 +261,7 @@ def _validate(s: ModelSpec):
   _choice(s.halt.mode, halting.MODES, 'model.halt.mode')
   _choice(s.halt.prior, halting.PRIORS, 'model.halt.prior')
   _choice(s.halt.score, halting.SCORES, 'model.halt.score')
+  _choice(s.halt.readout, halting.READOUTS, 'model.halt.readout')
   _choice(s.neuron.surrogate, neurons.SURROGATES, 'model.neuron.surrogate')
   _choice(s.dtype, DTYPES, 'model.dtype')
   _choice(s.remat_policy, REMAT_POLICIES, 'model.remat_policy')
@@ -272,5 +280,9 @@ def _validate(s: ModelSpec):
       raise ValueError(f'model.{key} must be >= 1, got {getattr(s, key)}')
   if not 0 <= s.halt.channel < s.dim:
     raise ValueError(f'model.halt.channel={s.halt.channel} is outside [0, dim={s.dim})')
+  if s.halt.readout == 'rate' and s.halt.mode == 'spatial':
+    raise ValueError("model.halt.readout='rate' needs halting across timesteps (mode "
+                     "'spatiotemporal' or 'temporal'); spatial halting already averages its "
+                     "per-timestep outputs over time: use readout 'cell'")
   if not 0 < s.halt.eps < 1:
     raise ValueError(f'model.halt.eps={s.halt.eps} must lie in (0, 1)')
