@@ -28,7 +28,8 @@ loss (--config.energy_loss_weight=W, ours, not the paper's) on the 4-step tail r
 (README "Studies", "An energy loss on both arms").
 Measured (2 cores, AMD EPYC, 2026-12-07, `python train.py` on a fresh clone, seed 0): 98.30 %
 top-1, token ratio 0.594, 0.00365 mJ per image, 2.38 of 4 timesteps per token, 5m18s wall with
-compile; the same numbers as the study's seed-0 run.
+compile; the same numbers as the study's seed-0 run. The same command on an Intel Xeon
+(2 cores, 2026-12-07, fresh clone) printed the same figures in 4m36s.
 Runs are deterministic: the same code and seed give the same numbers, on this machine and on
 the Intel Xeon and AMD EPYC machines of earlier sessions (seed study runs repeated exactly).
 The halting constants (gamma 3, alpha_p 5e-3) came from a sweep on this data: the defaults

@@ -26,6 +26,20 @@ rows with halting are the 2026-12-03 runs below. Half the ponder weight
 (--config.model.halt.alpha_p=0.0025 --out=runs/study_ts2_p0025 --rows=isps-spatiotemporal
 --seeds=0,1,2,3,4,5,6,7) gave 97.74 +- 0.23 % at 3.80 +- 0.17 uJ.
 
+The halting options of ours, STAS row only, seeds 0-2 (2026-12-07, an Intel Xeon; an I-SPS run
+trained in about 5 minutes):
+  python -m stas_jax.ablate --config=configs/demo.py --study_config=configs/study_demo.py \
+      --study_config.run_plots=False --rows=isps-spatiotemporal \
+      --config.model.halt.score=linear --out=runs/study_ts2_linear
+gave (the learned linear score) 97.43 +- 0.15 % at 3.70 +- 1.10 uJ, token ratio 0.55 +- 0.37
+(seeds 0 and 1 halt far more than the default, seed 2 hardly at all); with
+--config.model.halt.alpha_p=0.0025 added (--out=runs/study_ts2_linear_p0025) 97.43 +- 0.21 %
+at 4.32 +- 0.84 uJ, token ratio 0.80; with --config.model.halt.readout=rate in place of the
+score (--out=runs/study_ts2_rate) 97.97 +- 0.21 % at 4.32 +- 0.37 uJ, token ratio 0.80 (as
+accurate as the default, 38.6 % less energy than Spikformer instead of 47.9); and with
+--config.model.halt.alpha_p=0.01 added to that (--out=runs/study_ts2_rate_p01) 97.83 +- 0.42 %
+at 4.33 +- 0.22 uJ, token ratio 0.79.
+
 Commands of the runs made before the 2-step tail (README "Studies"; they count over T = 4
 steps, hence --config.model.isps.tail_steps=0; the 2026-12-03 grid's I-SPS rows count spikes
 in LIF1 only, the demo default until 2026-12-04; TAIL stands for

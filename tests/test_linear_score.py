@@ -10,6 +10,7 @@ from conftest import tiny_model_config
 from stas_jax import early_exit
 from stas_jax import halting
 from stas_jax import losses
+from stas_jax import optim
 from stas_jax import model as model_lib
 from stas_jax.model_config import spec_from_config
 from test_halting import _images, _variables
@@ -49,6 +50,8 @@ def test_linear_score_starts_as_the_channel_rule():
   kernel = init['params']['halt_score_kernel']
   np.testing.assert_array_equal(kernel, np.eye(kernel.shape[0])[3])
   assert float(init['params']['halt_score_bias']) == 0.0
+  decay = optim.weight_decay_mask(init['params'])        # the spec: no weight decay on the head
+  assert not decay['halt_score_kernel'] and not decay['halt_score_bias']
   logits_lin, aux_lin = model.apply(_with_head(base, kernel, init['params']['halt_score_bias']),
                                     images)
   logits_ch, aux_ch = channel.apply(base, images)
