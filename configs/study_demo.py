@@ -31,7 +31,7 @@ trained in about 5 minutes):
   python -m stas_jax.ablate --config=configs/demo.py --study_config=configs/study_demo.py \
       --study_config.run_plots=False --rows=isps-spatiotemporal \
       --config.model.halt.score=linear --out=runs/study_ts2_linear
-gave (the learned linear score) 97.43 +- 0.15 % at 3.70 +- 1.10 uJ, token ratio 0.55 +- 0.37
+gave (the learned linear score) 97.43 +- 0.15 % at 3.71 +- 1.10 uJ, token ratio 0.55 +- 0.37
 (seeds 0 and 1 halt far more than the default, seed 2 hardly at all); with
 --config.model.halt.alpha_p=0.0025 added (--out=runs/study_ts2_linear_p0025) 97.43 +- 0.21 %
 at 4.32 +- 0.84 uJ, token ratio 0.80; with --config.model.halt.readout=rate in place of the
