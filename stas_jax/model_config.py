@@ -64,7 +64,8 @@ class ISPSSpec:
 
 @dataclasses.dataclass(frozen=True)
 class HaltSpec:
-  """Token halting: mode, halting score h = sigmoid(gamma * z[channel] + beta), loss weights."""
+  """Token halting: mode, halting score h = sigmoid(gamma * s + beta) with s = z[channel] or a
+  learned linear read of z (`score`), what ACT accumulates (`readout`), loss weights."""
   mode: str = 'none'              # 'none' | 'spatial' | 'temporal' | 'spatiotemporal'
   eps: float = 0.01
   score: str = 'channel'          # 'channel' (z[channel]) | 'linear' (learned z @ w + b)

@@ -10,8 +10,8 @@ from conftest import tiny_model_config
 from stas_jax import early_exit
 from stas_jax import halting
 from stas_jax import losses
-from stas_jax import optim
 from stas_jax import model as model_lib
+from stas_jax import optim
 from stas_jax.model_config import spec_from_config
 from test_halting import _images, _variables
 
