@@ -213,6 +213,19 @@ def test_very_negative_beta_never_halts_before_the_last_cell():
   assert np.all(w[:-1] < 1e-6) and np.all(w[-1] > 1 - 1e-5)
 
 
+def test_negative_gamma_halts_silent_tokens_first():
+  # The residual stream is a non-negative spike count: with gamma < 0 a token whose score
+  # channel is silent scores highest (README "Other halting scores"). By hand, gamma -3, beta 0:
+  # h = sigmoid(-3 z0) = 0.5, 0.0474, 0.00247 for z0 = 0, 1, 2.
+  z = jnp.zeros((1, 3, 4)).at[0, 1, 0].set(1.0).at[0, 2, 0].set(2.0).at[0, 0, 1].set(5.0)
+  h = halting.halting_score(z, -3.0, 0.0, 0)
+  np.testing.assert_allclose(h[0], [0.5, 0.0474259, 0.00247262], rtol=1e-5)
+  _, _, masks = run_grid(jnp.broadcast_to(h, (6,) + h.shape))
+  # The silent token reaches 1 - eps at the second cell, the others run to the forced last.
+  np.testing.assert_array_equal(masks[:, 0, 0], [1, 1, 0, 0, 0, 0])
+  np.testing.assert_array_equal(masks[:, 0, 1:], np.ones((6, 2)))
+
+
 def test_none_mode_is_the_spikformer_readout():
   logits, aux = _forward('none', 0.0)
   assert np.all(aux['active'] == 1)
