@@ -19,6 +19,9 @@ seeds 0-2: 98.03 +- 0.25 % at 3.66 uJ against 98.37 +- 0.12 % at 7.04, 0.33 poin
   python -m stas_jax.ablate --config=configs/demo.py --study_config=configs/study_demo.py \
       --study_config.run_plots=False --out=runs/study_ts2 --rows=sps-none,isps-spatiotemporal \
       --seeds=0,1,2,3,4,5,6,7
+With 28 epochs for both arms (--config.num_epochs=28, seeds 0-2, 2026-12-07, Intel Xeon) STAS
+is ahead: 98.23 +- 0.12 % at 3.14 uJ against Spikformer's 98.17 +- 0.12 % at 6.44 uJ, 51.3 %
+less energy, in 0.35-0.42x Spikformer's training time (README "Studies", "Twice the epochs").
 Counting over all 4 steps (--config.model.isps.tail_steps=0, the default until 2026-12-06) is
 as accurate (seeds 0-2: 98.03 +- 0.70 %) for 5.38 uJ, 23.6 % less than Spikformer; counting in
 LIF1 alone over 4 steps (--config.model.isps.tail=multi_step,single_step,single_step,single_step
