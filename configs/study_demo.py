@@ -39,6 +39,12 @@ score (--out=runs/study_ts2_rate) 97.97 +- 0.21 % at 4.32 +- 0.37 uJ, token rati
 accurate as the default, 38.6 % less energy than Spikformer instead of 47.9); and with
 --config.model.halt.alpha_p=0.01 added to that (--out=runs/study_ts2_rate_p01) 97.83 +- 0.42 %
 at 4.33 +- 0.22 uJ, token ratio 0.79.
+The paper's score with a negative gamma, so that a silent token halts first
+(--config.model.halt.gamma=-3.0 --config.model.halt.beta=0.0 --out=runs/study_ts2_neg), gave
+97.77 +- 0.23 % at 3.93 +- 0.04 uJ, token ratio 0.49.
+Twice the epochs for both arms (--config.num_epochs=28 --rows=sps-none,isps-spatiotemporal
+--seeds=0,1,2 --out=runs/study_ts2_e28): STAS 98.23 +- 0.12 % at 3.14 uJ against Spikformer's
+98.17 +- 0.12 % at 6.44 uJ (a STAS run about 11 minutes, a Spikformer run about 28).
 
 Commands of the runs made before the 2-step tail (README "Studies"; they count over T = 4
 steps, hence --config.model.isps.tail_steps=0; the 2026-12-03 grid's I-SPS rows count spikes
