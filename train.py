@@ -5,7 +5,7 @@ the command line, e.g. `--config.batch_size=64`; the work directory defaults to
 runs/<config file stem>, and rerunning with the same one resumes from its latest checkpoint.
 
 Several processes (hosts) train one model when each is started with the same flags plus
-`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (README, "Multi-process
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (docs/training.md, "Multi-process
 training"); on SLURM, Open MPI or Cloud TPU `--config.distributed=True` lets JAX find these.
 """
 import logging as std_logging
@@ -46,11 +46,11 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
   # Imported here so that flag errors come out before the slow JAX / TF imports.
-  from stas_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from stas_jax import distributed  # pylint: disable=g-import-not-at-top
-  from stas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from stas_jax import preemption  # pylint: disable=g-import-not-at-top
-  from stas_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from stas_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from stas_jax.train import distributed  # pylint: disable=g-import-not-at-top
+  from stas_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from stas_jax.train import preemption  # pylint: disable=g-import-not-at-top
+  from stas_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   workdir = _WORKDIR.value
   if workdir is None:
@@ -64,10 +64,10 @@ def main(argv):
   logging.info('Config:\n%s', config)
   logging.info('Work directory: %s', os.path.abspath(workdir))
   try:
-    train_lib.train_and_evaluate(config, workdir)
-  except input_pipeline.DatasetUnavailableError as e:
+    loop.train_and_evaluate(config, workdir)
+  except pipeline.DatasetUnavailableError as e:
     sys.exit(f'\nERROR: {e}')
-  except train_lib.NonFiniteLossError as e:
+  except loop.NonFiniteLossError as e:
     sys.exit(f'\nERROR: {e}')
   except checkpoint.CheckpointError as e:
     sys.exit(f'\nERROR: {e}')

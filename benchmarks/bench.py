@@ -87,7 +87,7 @@ def matmul_peak_gflops(dtype_name='float32', n=2048, repeats=5):
   """n x n matmul GFLOP/s, operands in the model's compute dtype, float32 accumulation."""
   import jax
   import jax.numpy as jnp
-  from stas_jax import matmul
+  from stas_jax.model import matmul
   a = jnp.ones((n, n), matmul.compute_dtype(dtype_name))
   f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
   f(a).block_until_ready()
@@ -127,7 +127,7 @@ def _timings(fn, repeats):
 
 def _alternating_timings(fn, other, repeats):
   """Times two steps in turn, so that both see the same machine load."""
-  from stas_jax import timing
+  from stas_jax.tools import timing
   times, _ = timing.alternating((fn, other), repeats)
   return _summary(times[0]), _summary(times[1])
 
@@ -135,18 +135,18 @@ def _alternating_timings(fn, other, repeats):
 def bench_train(config, batch, devices):
   import jax
   import numpy as np
-  from stas_jax import model as model_lib
-  from stas_jax import optim
-  from stas_jax import parallel
-  from stas_jax import steps
-  s = model_lib.spec_from_config(config.model)
+  from stas_jax.model import network
+  from stas_jax.train import optim
+  from stas_jax.train import parallel
+  from stas_jax.train import steps
+  s = network.spec_from_config(config.model)
   config.batch_size = config.eval_batch_size = batch
   ctx = steps.StepContext(config=config, mean=np.zeros(s.in_channels, np.float32),
                           std=np.full(s.in_channels, 255.0, np.float32),
                           num_classes=s.num_classes,
                           schedule=optim.learning_rate_schedule(config, 100, 10_000))
   strategy = parallel.create_strategy(ctx, jax.local_devices()[:devices])
-  model = model_lib.create_model(config.model, bn_axis_name=parallel.bn_axis_name(config))
+  model = network.create_model(config.model, bn_axis_name=parallel.bn_axis_name(config))
   state = strategy.put_state(steps.create_train_state(
       model, jax.random.key(0), optim.create_optimizer(config, ctx.schedule)))
   rng = np.random.default_rng(0)
@@ -167,23 +167,23 @@ def bench_train(config, batch, devices):
 
 def _inference_inputs(config, batch):
   """(model, variables, list of normalised image batches): a trained run's weights and test
-  images (--restore, through `stas_jax.evaluation`, as the evaluate command reads them) or
+  images (--restore, through `stas_jax.train.evaluation`, as the evaluate command reads them) or
   random ones."""
   import jax
   import numpy as np
-  from stas_jax import evaluation
-  from stas_jax import input_pipeline
-  from stas_jax import model as model_lib
-  from stas_jax import steps
+  from stas_jax.train import evaluation
+  from stas_jax.data import pipeline
+  from stas_jax.model import network
+  from stas_jax.train import steps
   if not _RESTORE.value:
-    model = model_lib.create_model(config.model)
-    variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+    model = network.create_model(config.model)
+    variables = network.init_variables(model, jax.random.PRNGKey(0))
     s = model.spec
     images = np.random.default_rng(0).normal(
         size=(batch, s.image_size, s.image_size, s.in_channels)).astype(np.float32)
     return model, variables, [images]
   config.eval_batch_size = batch
-  data = input_pipeline.create_datasets(config)
+  data = pipeline.create_datasets(config)
   try:
     model, variables, _ = evaluation.restore(config, _RESTORE.value)
   except FileNotFoundError as e:
@@ -199,7 +199,7 @@ def bench_infer(config, batch, early):
   import functools as ft
   import jax
   import numpy as np
-  from stas_jax import early_exit
+  from stas_jax.model import early_exit
   model, variables, batches = _inference_inputs(config, batch)
   dense = jax.jit(lambda v, x: model.apply(v, x))
   fractions = early_exit.DEFAULT_FRACTIONS
@@ -236,11 +236,11 @@ def bench_infer(config, batch, early):
 def main(argv):
   del argv
   import jax
-  from stas_jax import model as model_lib
+  from stas_jax.model import network
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required')
-  spec = model_lib.spec_from_config(config.model)
+  spec = network.spec_from_config(config.model)
   flops = model_flops(spec)
   batch = _BATCH.value
   extra, n_batches, dense_step = {}, 1, None
@@ -263,7 +263,7 @@ def main(argv):
     other = _VERSUS.value
     other_compile_s, other_step = bench_train(other, batch, _DEVICES.value)
     t, other_t = _alternating_timings(step, other_step, _REPEATS.value)
-    other_flops = model_flops(model_lib.spec_from_config(other.model))
+    other_flops = model_flops(network.spec_from_config(other.model))
     extra['versus'] = {
         'config': config_flags.get_config_filename(flags.FLAGS['versus']),
         **other_t, 'compile_s': other_compile_s,
@@ -284,7 +284,7 @@ def main(argv):
       'config': config_flags.get_config_filename(flags.FLAGS['config']),
       'mode': _MODE.value, 'batch': batch, 'devices': _DEVICES.value,
       'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
-      **{k: v for k, v in t.items()},
+      **{**t},
       'images_per_s': images / t['step_time_median_s'],
       'compile_s': compile_s,
       'model_gflop_per_step': gflop,

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from stas_jax import matmul  # noqa: E402  pylint: disable=g-import-not-at-top
-from stas_jax import neurons  # noqa: E402  pylint: disable=g-import-not-at-top
-from stas_jax.model_config import ModelSpec  # noqa: E402  pylint: disable=g-import-not-at-top
+from stas_jax.model import matmul  # noqa: E402  pylint: disable=g-import-not-at-top
+from stas_jax.model import neurons  # noqa: E402  pylint: disable=g-import-not-at-top
+from stas_jax.model.spec import ModelSpec  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _BATCH = flags.DEFINE_integer('batch', 128, 'Conv batch (timesteps x images).')
 _REPEATS = flags.DEFINE_integer('repeats', 4, 'Timed repetitions (the minimum is reported).')

@@ -11,7 +11,7 @@ surrogate with alpha 4), written out in torch because SpikingJelly's default CUD
 not run on a CPU. Like the original, it runs the first conv T times on the repeated image.
 
 Before timing, the script sets the BatchNorm statistics from a probe batch (so that spikes reach
-every layer), converts the port's weights with `stas_jax.convert` and checks that both
+every layer), converts the port's weights with `stas_jax.tools.convert` and checks that both
 frameworks give the same eval-mode logits, so the two steps compute the same network. It
 then times the PyTorch train step (forward, cross-entropy, backward, AdamW) alternately with
 stas_jax's (`bench.bench_train`) and reports both, their ratio, and PyTorch's peak RSS, read
@@ -173,8 +173,8 @@ class TorchSpikformer(nn.Module):
 
 
 def jax_variables(torch_model, model_config):
-  """The torch model's weights as stas_jax variables (via `stas_jax.convert`)."""
-  from stas_jax import convert
+  """The torch model's weights as stas_jax variables (via `stas_jax.tools.convert`)."""
+  from stas_jax.tools import convert
   sd = {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
   return convert.from_pytorch(sd, model_config)
 
@@ -218,11 +218,11 @@ def calibrate_batch_stats(torch_model, images):
 def check_same_logits(torch_model, model_config, images):
   """Max |logit difference| between the port and stas_jax in eval mode on NCHW images."""
   import jax
-  from stas_jax import model as model_lib
+  from stas_jax.model import network
   torch_model.eval()
   with torch.no_grad():
     want = torch_model(torch.from_numpy(images).to(_device_of(torch_model))).cpu().numpy()
-  model = model_lib.create_model(model_config)
+  model = network.create_model(model_config)
   got, _ = jax.jit(model.apply)(jax_variables(torch_model, model_config),
                                 np.transpose(images, (0, 2, 3, 1)))
   torch_model.train()
@@ -231,7 +231,7 @@ def check_same_logits(torch_model, model_config, images):
 
 def main(argv):
   del argv
-  from stas_jax.model_config import spec_from_config
+  from stas_jax.model.spec import spec_from_config
   config = bench._CONFIG.value
   if config is None:
     raise app.UsageError('--config is required')

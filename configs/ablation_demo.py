@@ -1,18 +1,13 @@
-"""Ablation study on the offline demo data: configs/demo.py with a shorter per-run budget, so
-that the 8 grid rows and the timestep sweep (11 runs for 12 rows) finish on a 2-core CPU.
+"""Ablation study on the offline demo data: configs/demo.py with a shorter per-run budget (2
+epochs of batch 32, 250 steps), so that the 8 grid rows and the timestep sweep (11 runs for 12
+rows) finish on a 2-core CPU. Only model.patch_embed, model.halt.mode and model.timesteps differ
+between rows; each run is evaluated on the 1,000 test digits.
 
 Command:
-  python -m stas_jax.ablate --config=configs/ablation_demo.py --out=runs/ablation
+  python -m stas_jax.tools.ablate --config=configs/ablation_demo.py --out=runs/ablation
 
-Every row trains the demo model (measured with dim 96, depth 2, 4 heads, patch 8, 16 tokens)
-for 2 epochs of batch 32 (250 steps; the demo's 1-epoch warm-up, then cosine decay) with the
-same seed and augmentation, then evaluates on the 1,000 test digits; only model.patch_embed,
-model.halt.mode and model.timesteps differ.
-
-Expected: the ordering of the demo seed study in README "Studies" (configs/study_demo.py,
-14 epochs) at a seventh of its budget, with lower accuracies: I-SPS rows well below SPS, and
-halting rows below their halting-free ones in energy. Its figures of 2026-11-28 were made before
-energy.py counted integrated inputs as spikes and are withdrawn; it has not been rerun since.
+Expected: not measured with the current energy rule (earlier figures withdrawn, CHANGELOG.md): a
+quick preview of docs/studies/ablation_grid.md at a seventh of its budget, with lower accuracies.
 """
 from configs import demo
 
@@ -23,7 +18,7 @@ def get_config():
   # Unrolled scans step ~15% faster but compile ~2 minutes longer: a loss for 250-step runs.
   config.model.unroll_scans = False
   config.num_epochs = 2
-  config.eval_every_epochs = 1000   # evaluate once, at the end (stas_jax.evaluate reports)
+  config.eval_every_epochs = 1000   # evaluate once, at the end (stas_jax.tools.evaluate reports)
   config.checkpoint_every_steps = 50
   config.log_every_steps = 25
   return config

@@ -1,23 +1,17 @@
-"""STAS on CIFAR-10: Spikformer-4-384 with I-SPS and spatiotemporal token halting, T = 4.
+"""STAS on CIFAR-10: Spikformer-4-384 with I-SPS and spatiotemporal token halting, T = 4, and
+the ModelSpec defaults otherwise: every I-SPS tail LIF fires once (`model.isps.tail=single_step`),
+halting gamma 1, beta -3, ponder weight 5e-4, distribution prior 0.1.
 
 Command:
   python train.py --config=configs/cifar10.py --workdir=runs/cifar10
 
-Needs tfds 'cifar10' prepared as ArrayRecord under ~/tensorflow_datasets (or
---config.data.data_dir=...); without it train.py stops at once and prints how to build it.
-Recipe: Spikformer's CIFAR recipe (spec section 8): 300 epochs, global batch 128, AdamW 5e-4,
-weight decay 0.06, cosine to 1e-5 after 20 warm-up epochs, label smoothing 0.1, mixup 0.5 until
-epoch 200, random crop (pad 4) + flip. Spikformer's RandAugment and random erasing are not
-implemented. Expected: about the Spikformer-4-384 baseline's 95.19% top-1
-(configs/cifar10_spikformer.py) with fewer active tokens and less energy per image (the STAS
-paper reports 45.9% less energy on CIFAR-10). On the offline demo data STAS with this
-config's single-step I-SPS tail trails its Spikformer by 2.4 points for 55% less energy, with
---config.model.isps.tail=multi_step,single_step,single_step,single_step by 1.2 points for 45%
-less, with LIF1 and LIF2 counting over 4 steps
-(--config.model.isps.tail=multi_step,multi_step,single_step,single_step) by 0.3 points for 24%
-less, and with the demo's tail (the same, counting over 2 steps: add
---config.model.isps.tail_steps=2) by 0.26-0.36 points for 47-48% less over 5 and 8 seeds (README "Studies"),
-so try that tail and expect a gap. Not yet run: no CIFAR data on the development machine.
+Needs tfds 'cifar10' as ArrayRecord under ~/tensorflow_datasets (or --config.data.data_dir);
+train.py says how to build it when it is missing. Recipe: Spikformer's (docs/method.md section 8):
+300 epochs, global batch 128, AdamW 5e-4, weight decay 0.06, cosine to 1e-5 after 20 warm-up
+epochs, label smoothing 0.1, mixup 0.5 until epoch 200, random crop (pad 4) + flip; no
+RandAugment or random erasing. Expected: not yet run (no CIFAR data on the development machine);
+Spikformer-4-384 reports 95.19 % top-1 and the STAS paper 45.9 % less energy. On the demo data
+the single-step tail was the least accurate of those tried (docs/studies/isps_tail.md).
 """
 from configs import default
 

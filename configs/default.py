@@ -8,16 +8,16 @@ import dataclasses
 
 import ml_collections
 
-from stas_jax import model_config
+from stas_jax.model import spec as model_spec
 
 
 def get_model_config() -> ml_collections.ConfigDict:
   """The `model` group: backbone sizes, neurons, I-SPS and halting (spec sections 2-5).
 
-  Its keys and defaults are the fields of `stas_jax.model_config.ModelSpec` (documented there),
+  Its keys and defaults are the fields of `stas_jax.model.spec.ModelSpec` (documented there),
   with the `neuron`, `isps` and `halt` sub-specs as nested groups.
   """
-  return ml_collections.ConfigDict(dataclasses.asdict(model_config.ModelSpec()))
+  return ml_collections.ConfigDict(dataclasses.asdict(model_spec.ModelSpec()))
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -48,8 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
   # With model.halt.soft_mask: the temperature decays linearly to 0 (hard mask) over this many
   # steps; -1 = the whole run, 0 = constant. Evaluation always uses the hard mask.
   config.halt_anneal_steps = 0
-  # Weight (per microjoule) of the estimated energy per image (stas_jax.energy) in the training
-  # loss: a spike-count penalty that asks every LIF layer to fire less (a study option, not the
+  # Weight (per microjoule) of the estimated energy per image (stas_jax.model.energy) in the
+  # training loss: a spike-count penalty that asks every LIF layer to fire less (a study option, not the
   # paper's objective; 0 = off).
   config.energy_loss_weight = 0.0
   # The energy weight ramps linearly from 0 to energy_loss_weight over this many steps, so the

@@ -1,4 +1,4 @@
-"""stas_jax.ablate: row construction, a tiny study end to end, and a restart that retrains
+"""stas_jax.tools.ablate: row construction, a tiny study end to end, and a restart that retrains
 nothing."""
 import csv
 import json
@@ -11,11 +11,14 @@ import pytest
 from configs import ablation_demo
 from configs import smoke
 from conftest import persistent_compilation_cache
-from stas_jax import ablate
-from stas_jax import evaluate
-from stas_jax import run_files
-from stas_jax import study_report
-from stas_jax import train_lib
+from stas_jax.tools import ablate
+from stas_jax.tools import evaluate
+from stas_jax.train import run_files
+from stas_jax.tools import study_report
+from stas_jax.train import loop
+
+# Every test here trains, spawns processes or exports programs.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
@@ -101,7 +104,7 @@ def test_restart_retrains_nothing(first_study, monkeypatch):
   def forbidden(*args, **kwargs):
     raise AssertionError('a finished row was trained or evaluated again')
 
-  monkeypatch.setattr(train_lib, 'train_and_evaluate', forbidden)
+  monkeypatch.setattr(loop, 'train_and_evaluate', forbidden)
   monkeypatch.setattr(evaluate, 'evaluate_run', forbidden)
   again = ablate.run_study(_base(), out, _tiny_study())
   assert again == lines
@@ -116,7 +119,7 @@ def _evaluations_only(monkeypatch):
     calls.append(os.path.basename(workdir))
     return real(workdir, *args, **kwargs)
 
-  monkeypatch.setattr(train_lib, 'train_and_evaluate',
+  monkeypatch.setattr(loop, 'train_and_evaluate',
                       lambda *a, **k: pytest.fail('retrained a finished run'))
   monkeypatch.setattr(evaluate, 'evaluate_run', counting)
   return calls
@@ -159,7 +162,7 @@ def test_run_of_another_config_is_refused_not_reused(first_study, monkeypatch, t
   out, _ = first_study
   copy = str(tmp_path / 'study')
   shutil.copytree(out, copy)
-  monkeypatch.setattr(train_lib, 'train_and_evaluate',
+  monkeypatch.setattr(loop, 'train_and_evaluate',
                       lambda *a, **k: pytest.fail('trained over a run of another config'))
   base = _base()
   base.optim.learning_rate = 5e-4

@@ -1,4 +1,4 @@
-"""Tests for stas_jax.augment: each augmentation on a hand-checkable case, jit and retracing."""
+"""Tests for stas_jax.data.augment: each augmentation on a hand-checkable case, jit, retracing."""
 import functools
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from stas_jax import augment
+from stas_jax.data import augment
 
 KEY = jax.random.key(0)
 

@@ -1,4 +1,4 @@
-"""Tests for stas_jax.checkpoint: round trips, device layouts, retention, broken steps, the
+"""Tests for stas_jax.train.checkpoint: round trips, device layouts, retention, broken steps, the
 data-iterator item (and the older meta form of it) and a quiet log when a step is skipped."""
 import base64
 import glob
@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from stas_jax import checkpoint
+from stas_jax.train import checkpoint
 
 META = {
     'config': {'model': {'dim': 64, 'depth': 2}, 'seed': 0},
@@ -232,7 +232,7 @@ import sys
 from absl import logging
 sys.path.insert(0, sys.argv[2])
 import test_checkpoint
-from stas_jax import checkpoint
+from stas_jax.train import checkpoint
 logging.set_verbosity(logging.WARNING)
 for _ in range(int(sys.argv[3])):
   with checkpoint.Checkpointer(sys.argv[1]) as ckpt:

@@ -1,4 +1,4 @@
-"""Tests for stas_jax.convert: name and layout mapping both ways, error reports, safe loading of
+"""stas_jax.tools.convert: name and layout mapping both ways, error reports, safe loading of
 .pth files, and the command line writing an orbax checkpoint that restore_converted reads.
 """
 import argparse
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from stas_jax import convert
-from stas_jax import model as model_lib
-from stas_jax.model_config import spec_from_config
+from stas_jax.tools import convert
+from stas_jax.model import network
+from stas_jax.model.spec import spec_from_config
 from test_parity import fixture_model_config, load_fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +103,7 @@ def fixture():
 def forward(fixture):
   """Compiled eval forward of the fixture model: variables -> logits of the fixture input."""
   arrays, _, cfg, _ = fixture
-  model = model_lib.create_model(cfg)
+  model = network.create_model(cfg)
   images = np.transpose(arrays['input'], (0, 2, 3, 1))
   apply = jax.jit(lambda v: model.apply(v, images, train=False)[0])
   return lambda variables: np.asarray(apply(variables))
@@ -319,13 +319,14 @@ def test_file_without_a_state_dict_is_explained(tmp_path):
 # (d) command line
 
 
+@pytest.mark.slow
 def test_command_line_writes_a_restorable_checkpoint(fixture, forward, tmp_path):
   torch = pytest.importorskip('torch')
   arrays, state_dict, cfg, variables = fixture
   in_path = str(tmp_path / 'tiny.pth.tar')
   torch.save({'state_dict': torch_state_dict(state_dict), 'epoch': 0}, in_path)
   out_dir = str(tmp_path / 'converted')
-  cmd = [sys.executable, '-m', 'stas_jax.convert', in_path, out_dir,
+  cmd = [sys.executable, '-m', 'stas_jax.tools.convert', in_path, out_dir,
          '--config=configs/default.py', '--config.model.dim=64', '--config.model.heads=4',
          '--config.model.depth=2']
   env = dict(os.environ, JAX_PLATFORMS='cpu')

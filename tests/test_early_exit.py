@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model_config
-from stas_jax import early_exit
-from stas_jax import model as model_lib
+from stas_jax.model import early_exit
+from stas_jax.model import network
 from test_halting import _images, _variables
 
 
@@ -25,7 +25,7 @@ FRACTIONS = (0.25, 0.5, 0.95)
 @functools.lru_cache(maxsize=None)
 def _both(mode, beta):
   cfg = tiny_model_config(**{'halt.mode': mode, 'halt.beta': beta, 'patch_embed': 'isps'})
-  model = model_lib.create_model(cfg)
+  model = network.create_model(cfg)
   images = _images(seed=3, batch=4)
   dense = jax.jit(lambda v, x: model.apply(v, x))(_variables(), images)
   fast = jax.jit(functools.partial(early_exit.apply, model, fractions=FRACTIONS))(

@@ -1,12 +1,12 @@
-"""Tests for stas_jax.energy: a hand-counted aux, then the real model with halting and I-SPS."""
+"""stas_jax.model.energy: a hand-counted aux, then the real model with halting and I-SPS."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stas_jax import energy
-from stas_jax import losses
-from stas_jax import model as model_lib
+from stas_jax.model import energy
+from stas_jax.train import losses
+from stas_jax.model import network
 
 # ---------------------------------------------------------------------------------------------
 # 1. A hand-built aux for a tiny spec, checked against arithmetic done by hand.
@@ -65,7 +65,6 @@ HAND_SOPS = {
     'attention.proj_linear': [(4 + 2) * 8, (3 + 1) * 8],              # 48, 32
     'mlp.fc1_linear': [(12 + 7) * 16, (9 + 3) * 16],                  # 304, 192
     'mlp.fc2_linear': [(20 + 5) * 8, (10 + 2) * 8],                   # 200, 96
-    'mlp.halt_score': [0, 0],                                         # the channel score
     'patch_embed': [3024, 1908],
     'attention': [560, 361],       # 3 * 128 + 24 + 104 + 48; 3 * 88 + 17 + 48 + 32
     'mlp': [504, 288],
@@ -104,36 +103,6 @@ HAND_ISPS_RATES = {  # I-SPS at the first LIF: LIF0 ran 2 steps, the rest once
     'patch_embed.proj_lif3': 128 / (2 * 1 * 128),
     'patch_embed.rpe_lif': 32 / (2 * 1 * 32),
 }
-
-
-def test_linear_halting_score_costs_the_block_outputs_spikes_at_scoring_cells():
-  # z_out = z_mid + fc2 spikes over active tokens: image 0 (12 + 6) + (7 + 2) = 27, image 1
-  # (9 + 4) + (3 + 1) = 17 accumulates when both cells score (spatiotemporal); temporal mode
-  # scores after the last block of every timestep, which with L = 1 is the same two cells.
-  for mode in ('spatiotemporal', 'temporal', 'spatial'):
-    cfg = dict(TINY, halt=dict(mode=mode, score='linear'))
-    out = energy.estimate(tiny_aux(), cfg)
-    np.testing.assert_array_equal(out['sops']['mlp.halt_score'], [27, 17], err_msg=mode)
-    base = energy.estimate(tiny_aux(), dict(TINY, halt=dict(mode=mode)))
-    np.testing.assert_allclose(out['energy_mj'] - base['energy_mj'],
-                               np.array([27, 17]) * 0.9e-9, rtol=1e-5, err_msg=mode)
-  # The score is never computed without halting, whatever `score` says.
-  none = energy.estimate(tiny_aux(), dict(TINY, halt=dict(mode='none', score='linear')))
-  np.testing.assert_array_equal(none['sops']['mlp.halt_score'], [0, 0])
-
-
-def test_linear_score_counts_only_the_scoring_cells():
-  # T = 2, L = 2, temporal: only the last block scores; give the first block's cells large
-  # sums that must not count.
-  cfg = dict(TINY, depth=2, halt=dict(mode='temporal', score='linear'))
-  aux = tiny_aux()
-  aux['active'] = np.ones((2, 2, 2, 4), np.float32)
-  stats = {}
-  for k, v in aux['block_stats'].items():
-    stats[k] = np.stack([np.full_like(v[:, 0], 100.0), v[:, 0]], axis=1)   # (T, L=2, B)
-  aux['block_stats'] = stats
-  out = energy.estimate(aux, cfg)
-  np.testing.assert_array_equal(out['sops']['mlp.halt_score'], [27, 17])
 
 
 def test_hand_counted_sops_and_energy():
@@ -252,7 +221,7 @@ ISPS = dict(SMALL, patch_embed='isps')
 @pytest.fixture(scope='module')
 def variables():
   """Random init with BatchNorm scales x10 (and +1 bias in the blocks) so neurons fire 10-40%."""
-  v = model_lib.init_variables(model_lib.create_model(SMALL), jax.random.PRNGKey(0))
+  v = network.init_variables(network.create_model(SMALL), jax.random.PRNGKey(0))
 
   def boost(path, x):
     name = jax.tree_util.keystr(path)
@@ -272,7 +241,7 @@ def images():
 
 
 def _run(cfg, variables, images):
-  model = model_lib.create_model(cfg)
+  model = network.create_model(cfg)
   _, aux = jax.jit(lambda v, x: model.apply(v, x, capture=True))(variables, images)
   return aux, jax.jit(lambda a: energy.estimate(a, cfg))(aux)
 
@@ -359,7 +328,7 @@ def test_mean_and_sum_integration_cost_the_same(tail, tail_steps, variables, ima
   for reduce in ('mean', 'sum'):
     cfg = dict(ISPS, bn_epsilon=1e-12,
                isps={'reduce': reduce, 'tail': tail, 'tail_steps': tail_steps})
-    model = model_lib.create_model(cfg)
+    model = network.create_model(cfg)
     (_, aux), _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
         variables, images)
     out[reduce] = energy.estimate(aux, cfg)
@@ -379,12 +348,12 @@ STAS_MS2 = dict(ISPS, halt=dict(mode='spatiotemporal', beta=-1.0),
 
 
 def _train_apply(cfg, variables, images):
-  model = model_lib.create_model(cfg)
+  model = network.create_model(cfg)
   return model.apply(variables, images, train=True, mutable=['batch_stats'])[0]
 
 
 def test_energy_loss_adds_its_weight_times_the_estimate(variables, images):
-  spec = model_lib.spec_from_config(STAS_MS2)
+  spec = network.spec_from_config(STAS_MS2)
   logits, aux = jax.jit(lambda v, x: _train_apply(STAS_MS2, v, x))(variables, images)
   targets = jax.nn.one_hot(jnp.arange(images.shape[0]), 10)
   base, terms0 = losses.total_loss(logits, targets, aux, spec)
@@ -400,8 +369,8 @@ def test_energy_loss_adds_its_weight_times_the_estimate(variables, images):
 def test_energy_loss_gradient_reaches_every_stage_and_lowers_the_energy(images):
   # The plain initialisation, whose train-mode BatchNorm keeps the membranes near threshold
   # (the boosted `variables` saturate, where every surrogate gradient is small).
-  variables = model_lib.init_variables(model_lib.create_model(SMALL), jax.random.PRNGKey(0))
-  spec = model_lib.spec_from_config(STAS_MS2)
+  variables = network.init_variables(network.create_model(SMALL), jax.random.PRNGKey(0))
+  spec = network.spec_from_config(STAS_MS2)
 
   def split(params):
     _, aux = _train_apply(STAS_MS2, dict(variables, params=params), images)

@@ -1,17 +1,26 @@
-"""stas_jax.evaluate on a smoke checkpoint: the report files, their keys, agreement with the
-training loop's own evaluation, early exit, plots and the command line."""
+"""stas_jax.tools.evaluate on a smoke checkpoint: the report files, their keys, agreement with the
+training loop's own evaluation, early exit, plots and the command line; `stas_jax.load_run`."""
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
+import optax
 import pytest
 
 from configs import smoke
 from conftest import persistent_compilation_cache
-from stas_jax import evaluate
-from stas_jax import train_lib
+import stas_jax
+from stas_jax.data import pipeline
+from stas_jax.tools import evaluate
+from stas_jax.train import evaluation
+from stas_jax.train import loop
+from stas_jax.train import steps
+
+# Every test here trains, spawns processes or exports programs.
+pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOP_KEYS = ('step', 'total_steps', 'count', 'top1', 'top5', 'loss', 'token_ratio', 'timesteps',
@@ -32,7 +41,7 @@ def compilation_cache(tmp_path_factory):
 def smoke_run(tmp_path_factory, compilation_cache):
   del compilation_cache
   workdir = str(tmp_path_factory.mktemp('smoke_run'))
-  final = train_lib.train_and_evaluate(smoke.get_config(), workdir)
+  final = loop.train_and_evaluate(smoke.get_config(), workdir)
   return workdir, final
 
 
@@ -103,7 +112,7 @@ def test_command_line(smoke_run, compilation_cache):
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   os.remove(os.path.join(workdir, 'eval.md'))
-  result = subprocess.run([sys.executable, '-m', 'stas_jax.evaluate', f'--workdir={workdir}',
+  result = subprocess.run([sys.executable, '-m', 'stas_jax.tools.evaluate', f'--workdir={workdir}',
                            '--config=configs/smoke.py', '--max_batches=1'],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -113,3 +122,39 @@ def test_command_line(smoke_run, compilation_cache):
   assert written['count'] == smoke.get_config().eval_batch_size
   assert 'early_exit' not in written and 'plots' not in written
   assert os.path.exists(os.path.join(workdir, 'eval.md'))
+
+
+def test_load_run_classifies_as_the_evaluation_does(smoke_run):
+  """`stas_jax.load_run(dir)(uint8 images)` gives the eval step's logits, masks and energy."""
+  workdir, _ = smoke_run
+  clf = stas_jax.load_run(workdir)
+  config = smoke.get_config()
+  data = pipeline.create_datasets(config, process_index=0, process_count=1)
+  batch = next(data.make_eval_iter())
+  out = clf(batch['image'])
+  cfg, b = config.model, batch['image'].shape[0]
+  tokens = (cfg.image_size // cfg.patch_size) ** 2
+  assert clf.step == 6
+  assert out.logits.shape == (b, cfg.num_classes)
+  assert out.active.shape == (cfg.timesteps, cfg.depth, b, tokens)
+  np.testing.assert_array_equal(out.predictions, out.logits.argmax(-1))
+  ctx = steps.StepContext(config=config, mean=data.mean, std=data.std,
+                          num_classes=data.num_classes)
+  images, _ = evaluation.model_inputs(batch, ctx)
+  logits, aux = evaluation.forward(clf.model.apply, clf.variables, images, config)
+  np.testing.assert_allclose(out.logits, logits, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out.active, aux['active'])
+  sums = jax.jit(lambda v: evaluation.eval_step(
+      steps.TrainState.create(apply_fn=clf.model.apply, params=v['params'],
+                              batch_stats=v['batch_stats'], tx=optax.identity()),
+      batch, ctx=ctx))(clf.variables)
+  mask = batch['mask'] > 0
+  np.testing.assert_allclose(np.sum(out.energy_mj[mask]), sums['energy_mj'], rtol=1e-5)
+  np.testing.assert_allclose(np.sum(out.token_ratio[mask]), sums['token_ratio'], rtol=1e-5)
+  # The demo's digits are 28 x 28 padded to 32 x 32: the unpadded digits (B, H, W) give the same.
+  unpadded = clf(batch['image'][:4, 2:30, 2:30, 0])
+  np.testing.assert_array_equal(unpadded.logits, out.logits[:4])
+  with pytest.raises(ValueError, match='uint8'):
+    clf(batch['image'].astype(np.float32))
+  with pytest.raises(ValueError, match='with H, W <= 32'):
+    clf(np.zeros((2, 40, 40, 1), np.uint8))

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model_config
-from stas_jax import halting
-from stas_jax import losses
-from stas_jax import model as model_lib
-from stas_jax.model_config import spec_from_config
+from stas_jax.model import halting
+from stas_jax.train import losses
+from stas_jax.model import network
+from stas_jax.model.spec import spec_from_config
 
 T, L, B, N = 3, 2, 2, 64
 
@@ -127,7 +127,7 @@ def test_avit_prior_reads_the_raw_scores_of_every_cell():
   (halted ones too, as A-ViT averages them), and the loss feeds it to the A-ViT prior."""
   cfg = tiny_model_config(**{'halt.mode': 'spatiotemporal', 'halt.beta': -1.0,
                              'halt.gamma': 1.0, 'halt.prior': 'avit', 'halt.alpha_d': 1.0})
-  model = model_lib.create_model(cfg)
+  model = network.create_model(cfg)
   _, aux = jax.jit(lambda v, x: model.apply(v, x, capture=True))(_variables(), _images())
   want = jax.nn.sigmoid(aux['block_outputs'][..., 0] - 1.0)
   np.testing.assert_allclose(np.asarray(aux['cell_score']), np.asarray(want), rtol=1e-6)
@@ -156,10 +156,10 @@ def test_temporal_similarity_by_hand():
 @functools.lru_cache(maxsize=None)
 def _variables():
   """Random weights with BatchNorm statistics calibrated on a batch, so the network spikes."""
-  model = model_lib.create_model(tiny_model_config())
-  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+  model = network.create_model(tiny_model_config())
+  variables = network.init_variables(model, jax.random.PRNGKey(0))
   # With momentum 0 one train pass sets the running statistics to the batch statistics.
-  calib = model_lib.create_model(tiny_model_config(bn_momentum=0.0))
+  calib = network.create_model(tiny_model_config(bn_momentum=0.0))
   _, state = jax.jit(lambda v, x: calib.apply(v, x, train=True, mutable=['batch_stats']))(
       variables, _images(seed=7, batch=8))
   return {'params': variables['params'], 'batch_stats': state['batch_stats']}
@@ -173,7 +173,7 @@ def _images(seed=1, batch=B):
 def _forward(mode, beta, patch_embed='sps', train=False):
   cfg = tiny_model_config(**{'halt.mode': mode, 'halt.beta': beta, 'patch_embed': patch_embed,
                              'halt.gamma': 1.0})
-  model = model_lib.create_model(cfg)
+  model = network.create_model(cfg)
   fn = jax.jit(lambda v, x: model.apply(v, x, train=False, capture=True))
   logits, aux = fn(_variables(), _images())
   return jax.tree.map(np.asarray, (logits, aux))
@@ -215,7 +215,7 @@ def test_very_negative_beta_never_halts_before_the_last_cell():
 
 def test_negative_gamma_halts_silent_tokens_first():
   # The residual stream is a non-negative spike count: with gamma < 0 a token whose score
-  # channel is silent scores highest (README "Other halting scores"). By hand, gamma -3, beta 0:
+  # channel is silent scores highest (docs/studies/halting_scores.md). By hand, gamma -3, beta 0:
   # h = sigmoid(-3 z0) = 0.5, 0.0474, 0.00247 for z0 = 0, 1, 2.
   z = jnp.zeros((1, 3, 4)).at[0, 1, 0].set(1.0).at[0, 2, 0].set(2.0).at[0, 0, 1].set(5.0)
   h = halting.halting_score(z, -3.0, 0.0, 0)
@@ -262,7 +262,7 @@ def test_isps_input_identical_over_time_sps_not():
 def test_gradients_reach_halting_params_and_every_block(mode):
   cfg = tiny_model_config(**{'halt.mode': mode, 'halt.learnable': True, 'halt.beta': -1.0,
                              'halt.alpha_p': 0.1, 'halt.alpha_d': 0.1, 'patch_embed': 'isps'})
-  model = model_lib.create_model(cfg)
+  model = network.create_model(cfg)
   spec = spec_from_config(cfg)
   base = _variables()
   params = dict(base['params'], halt_gamma=jnp.float32(1.0), halt_beta=jnp.float32(-1.0))
@@ -285,7 +285,7 @@ def test_gradients_reach_halting_params_and_every_block(mode):
 
 def test_forward_and_loss_compile_once():
   cfg = tiny_model_config(**{'halt.mode': 'spatiotemporal'})
-  model = model_lib.create_model(cfg)
+  model = network.create_model(cfg)
   spec = spec_from_config(cfg)
   traces = []
 
@@ -328,7 +328,7 @@ def test_soft_mask_at_zero_temperature_is_the_hard_model():
   logits_hard, _ = _forward('spatiotemporal', -1.0)
   cfg = tiny_model_config(**{'halt.mode': 'spatiotemporal', 'halt.beta': -1.0,
                              'halt.soft_mask': True})
-  model = model_lib.create_model(cfg)
+  model = network.create_model(cfg)
   logits_soft0, _ = jax.jit(lambda v, x: model.apply(v, x, halt_temperature=0.0))(
       _variables(), _images())
   np.testing.assert_allclose(np.asarray(logits_soft0), logits_hard, atol=1e-6)

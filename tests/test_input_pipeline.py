@@ -1,4 +1,4 @@
-"""Tests for stas_jax.input_pipeline: offline MNIST demo, mocked tfds, resumable iterators."""
+"""Tests for stas_jax.data.pipeline: offline MNIST demo, mocked tfds, resumable iterators."""
 import importlib.util
 import time
 
@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from stas_jax import input_pipeline
+from stas_jax.data import pipeline
 
 
 def _config(dataset='mnist_demo', batch_size=8, eval_batch_size=300, **data):
@@ -32,7 +32,7 @@ def _assert_same_batches(a, b):
 
 @pytest.fixture(scope='module')
 def mnist():
-  return input_pipeline.create_datasets(_config(), process_index=0, process_count=1)
+  return pipeline.create_datasets(_config(), process_index=0, process_count=1)
 
 
 def test_mnist_demo_split_and_normalisation(mnist):
@@ -73,7 +73,7 @@ def test_eval_sharded_over_processes_covers_the_split_once(mnist):
     return sorted(img.tobytes() for b in batches for img, m in zip(b['image'], b['mask']) if m)
 
   single = real_images(mnist.make_eval_iter())
-  shards = [input_pipeline.create_datasets(_config(batch_size=6), process_index=i,
+  shards = [pipeline.create_datasets(_config(batch_size=6), process_index=i,
                                            process_count=3)
             for i in range(3)]
   per_process = [list(s.make_eval_iter()) for s in shards]
@@ -87,8 +87,8 @@ def test_processes_read_their_rows_of_the_single_process_batches():
   """Process p of n gets rows [p * b, (p + 1) * b) of every global batch that one process
   reads, so multi-process training sees the same batches; each resumes on its own."""
   config = _config(batch_size=6)
-  single = input_pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
-  shards = [input_pipeline.create_datasets(config, process_index=i, process_count=3).train_iter
+  single = pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
+  shards = [pipeline.create_datasets(config, process_index=i, process_count=3).train_iter
             for i in range(3)]
   steps = 700  # past the first epoch (666 steps of 6), into the reshuffled second one
   want = _take(single, steps)
@@ -96,59 +96,59 @@ def test_processes_read_their_rows_of_the_single_process_batches():
   for k in (0, 1, 665, 666, steps - 1):
     for key in ('image', 'label'):
       np.testing.assert_array_equal(np.concatenate([g[k][key] for g in got]), want[k][key])
-  state = input_pipeline.get_iterator_state(shards[2])
-  resumed = input_pipeline.create_datasets(config, process_index=2, process_count=3).train_iter
-  input_pipeline.set_iterator_state(resumed, state)
+  state = pipeline.get_iterator_state(shards[2])
+  resumed = pipeline.create_datasets(config, process_index=2, process_count=3).train_iter
+  pipeline.set_iterator_state(resumed, state)
   _assert_same_batches(_take(shards[2], 2), _take(resumed, 2))
 
 
 def test_train_order_is_deterministic_and_resumable():
   config = _config()
-  first = input_pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
-  second = input_pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
+  first = pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
+  second = pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
   head = _take(first, 3)
   _assert_same_batches(head, _take(second, 3))
-  state = input_pipeline.get_iterator_state(first)
+  state = pipeline.get_iterator_state(first)
   assert isinstance(state, str)
   expected = _take(first, 2)
-  resumed = input_pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
-  input_pipeline.set_iterator_state(resumed, state)
+  resumed = pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
+  pipeline.set_iterator_state(resumed, state)
   _assert_same_batches(expected, _take(resumed, 2))
   config.seed = 1
-  other = input_pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
+  other = pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
   assert not np.array_equal(next(other)['label'], head[0]['label'])
 
 
 def test_unknown_dataset_and_bad_batch_size():
   with pytest.raises(ValueError, match='mnist_demo'):
-    input_pipeline.create_datasets(_config(dataset='svhn'))
+    pipeline.create_datasets(_config(dataset='svhn'))
   with pytest.raises(ValueError, match='divisible'):
-    input_pipeline.create_datasets(_config(batch_size=9), process_index=0, process_count=2)
+    pipeline.create_datasets(_config(batch_size=9), process_index=0, process_count=2)
 
 
 def test_missing_dataset_offline_raises_with_instructions(tmp_path):
-  with pytest.raises(input_pipeline.DatasetUnavailableError) as err:
-    input_pipeline.create_datasets(_config('cifar100', data_dir=str(tmp_path), download=False))
+  with pytest.raises(pipeline.DatasetUnavailableError) as err:
+    pipeline.create_datasets(_config('cifar100', data_dir=str(tmp_path), download=False))
   message = str(err.value)
   assert 'tfds build cifar100' in message and 'pip install tensorflow-cpu' in message
   assert '--config.data.data_dir=' in message and str(tmp_path) in message
-  with pytest.raises(input_pipeline.DatasetUnavailableError, match='ILSVRC2012_img_val.tar'):
-    input_pipeline.create_datasets(_config('imagenet2012', data_dir=str(tmp_path)))
+  with pytest.raises(pipeline.DatasetUnavailableError, match='ILSVRC2012_img_val.tar'):
+    pipeline.create_datasets(_config('imagenet2012', data_dir=str(tmp_path)))
 
 
 @pytest.mark.skipif(importlib.util.find_spec('tensorflow') is not None,
                     reason='with TensorFlow installed this could really download CIFAR-100')
 def test_download_without_tensorflow_fails_fast(tmp_path):
   start = time.time()
-  with pytest.raises(input_pipeline.DatasetUnavailableError, match='TensorFlow'):
-    input_pipeline.create_datasets(_config('cifar100', data_dir=str(tmp_path), download=True))
+  with pytest.raises(pipeline.DatasetUnavailableError, match='TensorFlow'):
+    pipeline.create_datasets(_config('cifar100', data_dir=str(tmp_path), download=True))
   assert time.time() - start < 10
 
 
 @pytest.fixture
 def mock_tfds(monkeypatch):
   # mock_data turns download_and_prepare into a no-op, so building "works" without TensorFlow.
-  monkeypatch.setattr(input_pipeline, '_tensorflow_available', lambda: True)
+  monkeypatch.setattr(pipeline, '_tensorflow_available', lambda: True)
   with tfds.testing.mock_data(num_examples=10):
     yield
 
@@ -156,7 +156,7 @@ def mock_tfds(monkeypatch):
 @pytest.mark.usefixtures('mock_tfds')
 def test_cifar100_through_mocked_tfds(tmp_path):
   config = _config('cifar100', batch_size=4, eval_batch_size=4, data_dir=str(tmp_path))
-  data = input_pipeline.create_datasets(config, process_index=0, process_count=1)
+  data = pipeline.create_datasets(config, process_index=0, process_count=1)
   assert (data.num_train_examples, data.num_eval_examples) == (10, 10)
   assert data.num_classes == 100 and data.image_shape == (32, 32, 3)
   np.testing.assert_allclose(data.mean, np.array([0.5071, 0.4865, 0.4409]) * 255, rtol=1e-6)
@@ -174,12 +174,12 @@ def test_cifar100_through_mocked_tfds(tmp_path):
 def test_imagenet_through_mocked_tfds(tmp_path):
   manual = tmp_path / 'downloads' / 'manual'
   manual.mkdir(parents=True)
-  for name in input_pipeline.IMAGENET_MANUAL_FILES:
+  for name in pipeline.IMAGENET_MANUAL_FILES:
     (manual / name).touch()
   config = _config('imagenet2012', batch_size=2, eval_batch_size=4, data_dir=str(tmp_path),
                    random_resized_crop=True)
   config.model.image_size = 14
-  data = input_pipeline.create_datasets(config, process_index=0, process_count=1)
+  data = pipeline.create_datasets(config, process_index=0, process_count=1)
   assert data.num_classes == 1000 and data.image_shape == (14, 14, 3)
   # The device's random-resized-crop takes the whole 16x16 (= 14 / 0.875) square.
   assert next(data.train_iter)['image'].shape == (2, 16, 16, 3)
@@ -189,9 +189,9 @@ def test_imagenet_through_mocked_tfds(tmp_path):
 def test_resize_and_center_crop():
   image = np.zeros((20, 40, 3), np.uint8)
   image[:, 15:25] = 255  # a bright vertical band in the middle
-  out = input_pipeline.resize_and_center_crop(image, 10, 8)
+  out = pipeline.resize_and_center_crop(image, 10, 8)
   assert out.shape == (8, 8, 3) and out.dtype == np.uint8
   # 20x40 -> 10x20, crop columns 6..13: the band (columns 7.5..12.5) sits in the middle.
   assert out[:, 3:5].min() > 200 and out[:, 0].max() < 50 and out[:, -1].max() < 50
-  grey = input_pipeline.resize_and_center_crop(np.zeros((30, 30, 1), np.uint8), 16, 14)
+  grey = pipeline.resize_and_center_crop(np.zeros((30, 30, 1), np.uint8), 16, 14)
   assert grey.shape == (14, 14, 1)

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stas_jax import layers
-from stas_jax import model_config
+from stas_jax.model import layers
+from stas_jax.model import spec as model_spec
 
 
 @pytest.mark.parametrize('size', [8, 7])
@@ -81,7 +81,7 @@ def test_masked_batch_norm_counts_active_rows_and_survives_all_halted():
 ])
 def test_isps_tail_neurons_on_constant_currents(tail, reduce, tail_steps, want, spikes, unit):
   # 4-step trains of 3.0, 1.5, 1.2, 1.05 (tests/test_neurons.py): 1111, 0101, 0010, 0000.
-  spec = model_config.spec_from_config(
+  spec = model_spec.spec_from_config(
       dict(patch_embed='isps', timesteps=4,
            isps=dict(tail=tail, reduce=reduce, tail_steps=tail_steps)))
   current = jnp.array([[3.0, 1.5, 1.2, 1.05]], jnp.float32)      # one image, four neurons

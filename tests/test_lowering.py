@@ -14,11 +14,14 @@ import pytest
 
 from configs import cifar10
 from configs import cifar10_spikformer
-from stas_jax import early_exit
-from stas_jax import model as model_lib
-from stas_jax import optim
-from stas_jax import parallel
-from stas_jax import steps
+from stas_jax.model import early_exit
+from stas_jax.model import network
+from stas_jax.train import optim
+from stas_jax.train import parallel
+from stas_jax.train import steps
+
+# Every test here trains, spawns processes or exports programs.
+pytestmark = pytest.mark.slow
 
 MODELS = {'stas': cifar10.get_config, 'spikformer': cifar10_spikformer.get_config}
 DTYPES = ('float32', 'bfloat16')
@@ -53,7 +56,7 @@ def _setup(model, dtype, layout, cross_replica=False):
                           std=np.full(3, 64.0, np.float32), num_classes=10,
                           schedule=schedule)
   strategy = parallel.create_strategy(ctx, DEVICES)
-  net = model_lib.create_model(config.model, bn_axis_name=parallel.bn_axis_name(config))
+  net = network.create_model(config.model, bn_axis_name=parallel.bn_axis_name(config))
   tx = optim.create_optimizer(config, schedule)
   state = jax.eval_shape(lambda: steps.create_train_state(net, jax.random.key(0), tx))
   return strategy, state
@@ -222,8 +225,8 @@ def test_eval_step_lowers_for_gpu_and_tpu(dtype, layout):
 def test_early_exit_inference_lowers_for_gpu_and_tpu(dtype):
   """early_exit.apply: its time loop and block skips stay device-side control flow."""
   config = _config('stas', dtype, 'jit')
-  net = model_lib.create_model(config.model)
-  variables = jax.eval_shape(lambda: model_lib.init_variables(net, jax.random.key(0)))
+  net = network.create_model(config.model)
+  variables = jax.eval_shape(lambda: network.init_variables(net, jax.random.key(0)))
   images = jax.ShapeDtypeStruct((64, 32, 32, 3), jnp.float32)
   fn = jax.jit(functools.partial(early_exit.apply, net))
   for platform in ACCELERATORS:

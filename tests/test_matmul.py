@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stas_jax import matmul
+from stas_jax.model import matmul
 
 BF16 = jnp.bfloat16
 

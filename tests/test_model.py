@@ -7,13 +7,13 @@ import pytest
 
 from configs import default
 from conftest import tiny_model_config
-from stas_jax import losses
-from stas_jax import model as model_lib
-from stas_jax.model_config import ModelSpec, spec_from_config
+from stas_jax.train import losses
+from stas_jax.model import network
+from stas_jax.model.spec import ModelSpec, spec_from_config
 
 
 def count_params(cfg):
-  model = model_lib.create_model(cfg)
+  model = network.create_model(cfg)
   s = model.spec
   images = jax.ShapeDtypeStruct((1, s.image_size, s.image_size, s.in_channels), jnp.float32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), images)
@@ -41,8 +41,8 @@ def test_imagenet_8_512_builds_and_runs():
   cifar_like = cfg.copy_and_resolve_references()
   cifar_like.geometry = 'cifar'
   assert count_params(cifar_like) - n == 8 * 3 * 512
-  model = model_lib.create_model(cfg)
-  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+  model = network.create_model(cfg)
+  variables = network.init_variables(model, jax.random.PRNGKey(0))
   logits, aux = jax.jit(model.apply)(variables, jnp.ones((1, 224, 224, 3)))
   assert logits.shape == (1, 1000)
   assert aux['active'].shape == (4, 8, 1, 196)
@@ -52,7 +52,7 @@ def test_imagenet_8_512_builds_and_runs():
 @pytest.mark.parametrize('shape,match', [((2, 28, 28, 3), 'H, W, C'), ((2, 32, 32, 1), 'H, W, C'),
                                          ((32, 32, 3), 'NHWC')])
 def test_wrong_image_shape_is_a_clear_error(shape, match):
-  model = model_lib.create_model(tiny_model_config())
+  model = network.create_model(tiny_model_config())
   with pytest.raises(ValueError, match=match):
     jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), jnp.zeros(shape))
 
@@ -95,7 +95,7 @@ DEFAULT_MODEL_GROUP = {
     'halt': {'mode': 'none', 'eps': 0.01, 'channel': 0, 'gamma': 1.0, 'beta': -3.0,
              'learnable': False, 'soft_mask': False, 'soft_temperature': 0.05,
              'prior': 'act_weight', 'target_cell': 0.75, 'target_sigma': 1.0, 'alpha_p': 5e-4,
-             'alpha_d': 0.1, 'score': 'channel', 'readout': 'cell'},
+             'alpha_d': 0.1},
 }
 
 
@@ -112,8 +112,8 @@ def test_default_model_group_comes_from_model_spec():
 
 def test_gradient_reaches_every_parameter():
   cfg = tiny_model_config(patch_embed='sps', **{'halt.mode': 'none'})
-  model = model_lib.create_model(cfg)
-  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+  model = network.create_model(cfg)
+  variables = network.init_variables(model, jax.random.PRNGKey(0))
   images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3)) * 2
   targets = jax.nn.one_hot(jnp.arange(4), 10)
 
@@ -133,9 +133,9 @@ def test_gradient_reaches_every_parameter():
 def _halting_train_step(**overrides):
   """Loss, new batch statistics, active mask and gradients of a halting tiny model."""
   images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3)) * 2
-  model = model_lib.create_model(tiny_model_config(
+  model = network.create_model(tiny_model_config(
       patch_embed='isps', **{'halt.mode': 'spatiotemporal', 'halt.beta': 0.0}, **overrides))
-  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+  variables = network.init_variables(model, jax.random.PRNGKey(0))
 
   def loss_fn(params):
     (logits, aux), new = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
@@ -182,9 +182,9 @@ def test_bfloat16_mixed_precision_only_rounds_operands():
       params)
 
   def run(dtype, prepare, x):
-    model = model_lib.create_model(tiny_model_config(
+    model = network.create_model(tiny_model_config(
         patch_embed='sps', **{'halt.mode': 'none'}, dtype=dtype))
-    variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+    variables = network.init_variables(model, jax.random.PRNGKey(0))
 
     def loss_fn(params):
       (logits, aux), _ = model.apply(
@@ -210,8 +210,8 @@ def test_unknown_remat_policy_is_rejected():
 
 
 def test_train_mode_updates_batch_stats_and_is_deterministic():
-  model = model_lib.create_model(tiny_model_config())
-  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+  model = network.create_model(tiny_model_config())
+  variables = network.init_variables(model, jax.random.PRNGKey(0))
   images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
   fn = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))
   (logits1, _), new1 = fn(variables, images)
@@ -220,3 +220,14 @@ def test_train_mode_updates_batch_stats_and_is_deterministic():
   before = variables['batch_stats']['patch_embed']['proj_bn']['mean']
   after = new1['batch_stats']['patch_embed']['proj_bn']['mean']
   assert not np.allclose(np.asarray(before), np.asarray(after))
+
+
+def test_retired_halting_keys_load_with_their_one_value_and_fail_clearly_otherwise():
+  """Run directories written before halt.score / halt.readout were retired still load."""
+  cfg = default.get_model_config().to_dict()
+  old = dict(cfg, halt=dict(cfg['halt'], score='channel', readout='cell'))
+  assert spec_from_config(old) == spec_from_config(cfg)
+  for key, value in (('score', 'linear'), ('readout', 'rate')):
+    bad = dict(cfg, halt=dict(cfg['halt'], **{key: value}))
+    with pytest.raises(ValueError, match=f'model.halt.{key}=.*retired.*8aa8881'):
+      spec_from_config(bad)

@@ -22,10 +22,13 @@ import pytest
 
 from configs import smoke
 from conftest import COLLECTIVE_TIMEOUT_FLAG
-from stas_jax import checkpoint
-from stas_jax import model as model_lib
-from stas_jax import optim
-from stas_jax import steps
+from stas_jax.train import checkpoint
+from stas_jax.model import network
+from stas_jax.train import optim
+from stas_jax.train import steps
+
+# Every test here trains, spawns processes or exports programs.
+pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
@@ -153,7 +156,7 @@ def _records(workdir):
 
 def _final_state(workdir):
   config = smoke.get_config()
-  model = model_lib.create_model(config.model)
+  model = network.create_model(config.model)
   tx = optim.create_optimizer(config, optax.constant_schedule(1e-3))
   target = jax.eval_shape(lambda: steps.create_train_state(model, jax.random.key(0), tx))
   with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False) as ckpt:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from stas_jax import neurons
+from stas_jax.model import neurons
 
 # The hand-computed values below assume these constants (today's model defaults too).
 P = neurons.LIFParams(tau=2.0, v_threshold=1.0, v_reset=0.0, surrogate='sigmoid', alpha=4.0,

@@ -1,13 +1,21 @@
-"""Tests for the 'npz' dataset of stas_jax.input_pipeline: your own images from one .npz file."""
+"""Tests for the 'npz' dataset of stas_jax.data.pipeline: your own images from one .npz file."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from configs import default
+from configs import demo
 from configs import smoke
-from stas_jax import input_pipeline
-from stas_jax import train_lib
+from stas_jax.data import npz
+from stas_jax.data import pipeline
+from stas_jax.train import loop
 
 NUM_TRAIN, NUM_TEST, SIZE, CLASSES = 64, 32, 16, 10
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _arrays(image_shape=(SIZE, SIZE), num_labels=CLASSES, seed=0):
@@ -33,7 +41,7 @@ def _config(npz_path, image_size=SIZE, in_channels=1, num_classes=CLASSES):
 
 
 def _create(config):
-  return input_pipeline.create_datasets(config, process_index=0, process_count=1)
+  return pipeline.create_datasets(config, process_index=0, process_count=1)
 
 
 @pytest.fixture(scope='module')
@@ -80,6 +88,7 @@ def test_rgb_npz_per_channel_stats_and_fewer_labels_than_model_classes(tmp_path)
   assert next(data.train_iter)['image'].shape == (8, 8, 8, 3)
 
 
+@pytest.mark.slow
 def test_training_end_to_end_on_npz(grey, tmp_path):
   """The smoke recipe (tiny STAS, pmap over 8 devices) trains and evaluates on the npz file."""
   _, path = grey
@@ -88,7 +97,7 @@ def test_training_end_to_end_on_npz(grey, tmp_path):
       'data.dataset': 'npz', 'data.npz_path': path, 'model.image_size': SIZE,
       'eval_batch_size': 16, 'steps_per_eval': -1, 'num_train_steps': 3,
       'checkpoint_every_steps': 3})
-  final = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+  final = loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert final['step'] == 3 and final['eval/count'] == NUM_TEST
   for key in ('eval/top1', 'train/loss'):
     assert np.isfinite(final[key]), key
@@ -156,10 +165,11 @@ _BAD_FILES = {
     'empty_split': (_with(x_train=lambda x: x[:0], y_train=lambda y: y[:0]), {},
                     ['the train split is empty']),
     'splits_differ': (_with(x_test=lambda x: x[:, :8, :8]), {}, ['both splits']),
-    'non_square': (_with(x_train=lambda x: x[:, :, :8], x_test=lambda x: x[:, :, :8]), {},
-                   ['images are 16x8', 'square']),
-    'wrong_size': (_with(), {'image_size': 32}, ['image_size=32',
-                                                 '--config.model.image_size=16']),
+    'larger_than_model': (_with(), {'image_size': 8}, ['images are 16x16x1', 'image_size=8',
+                                                       '--config.model.image_size=16']),
+    'wider_than_model': (_with(x_train=lambda x: np.pad(x, ((0, 0), (0, 0), (0, 2))),
+                               x_test=lambda x: np.pad(x, ((0, 0), (0, 0), (0, 2)))), {},
+                         ['images are 16x18x1', '--config.model.image_size=20']),
     'wrong_channels': (_with(), {'in_channels': 3}, ['--config.model.in_channels=1']),
     'too_many_classes': (_with(y_test=lambda y: np.maximum(y, 11)), {},
                          ['labels go up to 11 (12 classes)', '--config.model.num_classes=12']),
@@ -174,10 +184,75 @@ def test_bad_file_says_what_is_wrong(case, tmp_path):
   path = write(tmp_path / 'data.npz') if write else ''
   config = _config(path)
   config.model.update(model_overrides)
-  with pytest.raises(input_pipeline.InvalidDatasetError) as err:
+  with pytest.raises(pipeline.InvalidDatasetError) as err:
     _create(config)
   # train.py and ablate report a DatasetUnavailableError without a traceback.
-  assert isinstance(err.value, input_pipeline.DatasetUnavailableError)
+  assert isinstance(err.value, pipeline.DatasetUnavailableError)
   assert isinstance(err.value, ValueError)
   for text in expected:
     assert text in str(err.value), (text, str(err.value))
+
+
+# ----------------------------------------------------------------------------- padding
+
+
+def test_smaller_images_are_padded_centred_and_normalised_padded(tmp_path, caplog):
+  """28 x 28 digits in a 32 x 32 model: zero-padded by 2 on every side, as the demo pads MNIST,
+  and the statistics are those of the padded training images."""
+  arrays = _arrays(image_shape=(28, 28))
+  config = _config(_save(tmp_path / 'digits.npz', arrays), image_size=32)
+  with caplog.at_level('INFO'):
+    data = _create(config)
+  assert data.image_shape == (32, 32, 1)
+  assert any('padding the 28x28 images with zeros to 32x32' in r.getMessage()
+             for r in caplog.records)
+  padded = np.pad(arrays['x_train'], ((0, 0), (2, 2), (2, 2)))[..., None]
+  np.testing.assert_allclose(data.mean, [padded.mean()], rtol=1e-6)
+  np.testing.assert_allclose(data.std, [padded.std()], rtol=1e-6)
+  batch = next(data.make_eval_iter())
+  np.testing.assert_array_equal(batch['image'][:, 2:30, 2:30, 0], arrays['x_test'][:24])
+  assert not batch['image'][:, :2].any() and not batch['image'][:, 30:].any()
+
+
+def test_odd_and_non_square_padding():
+  images = np.ones((1, 3, 6, 1), np.uint8)
+  out = npz.pad_to_size(images, 8)
+  assert out.shape == (1, 8, 8, 1)
+  # 5 rows to add: 2 on top, 3 below; 2 columns: one each side.
+  np.testing.assert_array_equal(out[0, :, :, 0].sum(axis=1), [0, 0, 6, 6, 6, 0, 0, 0])
+  np.testing.assert_array_equal(out[0, :, :, 0].sum(axis=0), [0, 3, 3, 3, 3, 3, 3, 0])
+
+
+def test_advice_for_larger_images_works_when_followed(tmp_path):
+  """36 x 36 images and the demo's patch 8: the advice is image_size 40 (a whole number of
+  patches), and with it the file loads, padded to 40 x 40."""
+  config = demo.get_config()
+  config.data.dataset = 'npz'
+  config.data.npz_path = _save(tmp_path / 'big.npz', _arrays(image_shape=(36, 36)))
+  with pytest.raises(pipeline.InvalidDatasetError, match='--config.model.image_size=40'):
+    _create(config)
+  config.model.image_size = 40
+  assert _create(config).image_shape == (40, 40, 1)
+
+
+@pytest.mark.slow
+def test_demo_trains_on_28x28_digits_with_only_the_dataset_flags(tmp_path):
+  """`python train.py --config.data.dataset=npz --config.data.npz_path=FILE` on 28 x 28 x 1
+  images: the demo model (32 x 32) trains to the end, the padding said in one log line."""
+  rng = np.random.default_rng(0)
+  arrays = {'x_train': rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8),
+            'y_train': rng.integers(0, 10, (128,)),
+            'x_test': rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8),
+            'y_test': rng.integers(0, 10, (64,))}
+  path = _save(tmp_path / 'digits28.npz', arrays)
+  workdir = tmp_path / 'run'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'train.py'), '--config.data.dataset=npz',
+       f'--config.data.npz_path={path}', f'--workdir={workdir}'],
+      capture_output=True, text=True, env=env, cwd=REPO, timeout=900, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stderr.count('padding the 28x28 images with zeros to 32x32') == 1
+  assert 'STAS run summary' in result.stdout + result.stderr
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert records[-1]['kind'] == 'eval' and records[-1]['eval/count'] == 64

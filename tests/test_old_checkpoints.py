@@ -8,7 +8,7 @@ import json
 import os
 import re
 import shutil
-from typing import Optional
+
 
 import jax
 import numpy as np
@@ -17,12 +17,15 @@ import pytest
 
 from configs import smoke
 from conftest import persistent_compilation_cache
-from stas_jax import checkpoint
-from stas_jax import input_pipeline
-from stas_jax import model as model_lib
-from stas_jax import optim
-from stas_jax import steps
-from stas_jax import train_lib
+from stas_jax.train import checkpoint
+from stas_jax.data import pipeline
+from stas_jax.model import network
+from stas_jax.train import optim
+from stas_jax.train import steps
+from stas_jax.train import loop
+
+# Every test here trains, spawns processes or exports programs.
+pytestmark = pytest.mark.slow
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'old_run')
 OLD_STEPS, MORE_STEPS = 4, 8
@@ -43,7 +46,7 @@ def _config(num_train_steps):
 
 def _fresh_state(config):
   """A newly initialised train state (concrete arrays), as a run builds before restoring."""
-  model = model_lib.create_model(config.model)
+  model = network.create_model(config.model)
   tx = optim.create_optimizer(config, optax.constant_schedule(config.optim.learning_rate))
   return steps.create_train_state(model, jax.random.key(config.seed + 1), tx)
 
@@ -76,7 +79,7 @@ def _assert_same_end(got_dir, want_dir):
                      _saved_state(want_dir, MORE_STEPS, config))
 
 
-def _cpu() -> Optional[dict]:
+def _cpu() -> dict | None:
   """What decides XLA:CPU's float32 results here: the CPU's identity and vector extensions
   (XLA compiles for the host CPU). None where /proc/cpuinfo cannot be read."""
   try:
@@ -123,7 +126,7 @@ def test_restore_latest_restores_state_and_iterator_position(tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(FIXTURE, workdir)
   target = _fresh_state(config)
-  resumed = input_pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
+  resumed = pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
   with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints')) as ckpt:
     state, meta, step = ckpt.restore_latest(target, data_iterator=resumed)
   assert step == OLD_STEPS and int(state.step) == OLD_STEPS and meta['step'] == OLD_STEPS
@@ -135,7 +138,7 @@ def test_restore_latest_restores_state_and_iterator_position(tmp_path):
              zip(jax.tree.leaves(state.params), jax.tree.leaves(target.params))]
   assert any(changed)  # trained weights, not the fresh ones
   # The old run consumed OLD_STEPS batches; the restored iterator goes on from there.
-  reference = input_pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
+  reference = pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
   for _ in range(OLD_STEPS):
     next(reference)
   for _ in range(2):
@@ -151,7 +154,7 @@ def _today_format_copy(old_dir, new_dir, config):
   shutil.copytree(old_dir, new_dir, ignore=shutil.ignore_patterns('checkpoints'))
   with checkpoint.Checkpointer(os.path.join(old_dir, 'checkpoints')) as old:
     state, meta, step = old.restore_latest(_fresh_state(config))
-  iterator = input_pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
+  iterator = pipeline.create_datasets(config, process_index=0, process_count=1).train_iter
   for _ in range(step):
     next(iterator)
   meta = {k: v for k, v in meta.items() if k != checkpoint._LEGACY_DATA_KEY}
@@ -172,9 +175,9 @@ def resumed_runs(tmp_path_factory):
   summaries = {}
   with persistent_compilation_cache(str(root / 'jax_cache')):  # later runs compile nothing
     for name in ('resumed', 'today_format'):
-      summaries[name] = train_lib.train_and_evaluate(config, runs[name])
+      summaries[name] = loop.train_and_evaluate(config, runs[name])
     if _reproduces_fixture():
-      train_lib.train_and_evaluate(config, runs['uninterrupted'])
+      loop.train_and_evaluate(config, runs['uninterrupted'])
   return runs, summaries
 
 

@@ -1,5 +1,6 @@
 """Layer-by-layer parity with the PyTorch reference: a tiny Spikformer from ZK-Zhou/spikformer
-`cifar10/model.py`, its weights converted by `stas_jax.convert` (fixture: tests/fixtures/README.md).
+`cifar10/model.py`, its weights converted by `stas_jax.tools.convert` (fixture:
+tests/fixtures/README.md).
 """
 import json
 import os
@@ -9,10 +10,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from stas_jax import convert
-from stas_jax import layers
-from stas_jax import model as model_lib
-from stas_jax.model_config import spec_from_config
+from stas_jax.tools import convert
+from stas_jax.model import network
+from stas_jax.model.spec import BLOCK_LIFS, SPS_LIFS, spec_from_config
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'spikformer_cifar_tiny.npz')
 
@@ -50,7 +50,7 @@ def reference():
   arrays, state_dict, config = load_fixture()
   cfg = fixture_model_config(config['constructor_args'])
   variables = convert.from_pytorch(state_dict, cfg)
-  model = model_lib.create_model(cfg)
+  model = network.create_model(cfg)
   images = np.transpose(arrays['input'], (0, 2, 3, 1))  # NCHW -> NHWC
   logits, aux = jax.jit(lambda v, x: model.apply(v, x, train=False, capture=True))(
       variables, images)
@@ -107,10 +107,10 @@ def firing_rates(cfg, aux, batch):
       side //= 2
   neurons['rpe_lif'] = side * side * c[3]
   rates = {}
-  for name in layers.SPS_LIFS:
+  for name in SPS_LIFS:
     spikes = float(np.sum(aux['sps_stats'][name], dtype=np.float64))
     rates[f'patch_embed.{name}'] = spikes / (neurons[name] * s.timesteps * batch)
-  for name in layers.BLOCK_LIFS:
+  for name in BLOCK_LIFS:
     group = 'mlp' if name.startswith('fc') else 'attn'
     width = s.hidden_dim if name == 'fc1_lif' else s.dim
     per_layer = np.sum(aux['block_stats'][name], axis=(0, 2), dtype=np.float64)  # (L,)

@@ -16,14 +16,14 @@ import pytest
 
 from configs import smoke
 from conftest import tiny_model_config
-from stas_jax import halting
-from stas_jax import losses
-from stas_jax import model as model_lib
-from stas_jax import evaluation
-from stas_jax import optim
-from stas_jax import parallel
-from stas_jax import steps
-from stas_jax.model_config import spec_from_config
+from stas_jax.model import halting
+from stas_jax.train import losses
+from stas_jax.model import network
+from stas_jax.train import evaluation
+from stas_jax.train import optim
+from stas_jax.train import parallel
+from stas_jax.train import steps
+from stas_jax.model.spec import spec_from_config
 from test_halting import _images, _variables
 
 # beta per mode such that the (soft) masks are well below 1 on the test network.
@@ -47,7 +47,7 @@ def _params(mode):
 @functools.lru_cache(maxsize=None)
 def _captured(mode):
   """Logits and block outputs (T, L, B, N, D) of the soft-mask model at TEMPERATURE."""
-  model = model_lib.create_model(_soft_config(mode))
+  model = network.create_model(_soft_config(mode))
   variables = {'params': _params(mode), 'batch_stats': _variables()['batch_stats']}
   logits, aux = jax.jit(lambda v, x: model.apply(v, x, capture=True,
                                                  halt_temperature=TEMPERATURE))(
@@ -65,10 +65,11 @@ def _readout_logits(model, block_outputs, gamma, beta, temperature):
     if spec.halt.mode == 'spatial':
       hs = halting.reset_for_timestep(hs)
     for l in range(depth):
-      hs, _ = halting.cell_update(spec.halt, hs, block_outputs[t, l], t, l, timesteps, depth,
-                                  gamma, beta, temperature)
+      hs, _ = halting.cell_update(spec.halt, hs, block_outputs[t, l],
+                                  halting.CellPosition.at(t, l, timesteps, depth),
+                                  halting.HaltParams(gamma, beta, temperature))
   params = jax.tree.map(lambda a: jnp.asarray(a, dtype), {'params': _params(spec.halt.mode)})
-  return model.apply(params, hs.out, method=model_lib.STAS.classify)
+  return model.apply(params, hs.out, method=network.STAS.classify)
 
 
 @pytest.mark.parametrize('mode', MODES)
@@ -99,7 +100,7 @@ def test_readout_gradient_matches_finite_differences(mode):
 def test_model_gradient_reaches_halting_params_in_soft_mode():
   mode = 'spatiotemporal'  # test_halting checks every mode with the hard mask
   cfg = _soft_config(mode)
-  model = model_lib.create_model(cfg)
+  model = network.create_model(cfg)
   spec = spec_from_config(cfg)
   targets = jax.nn.one_hot(LABELS, 10)
 
@@ -143,6 +144,7 @@ def test_temperature_schedule():
   assert optim.halt_temperature_schedule(hard, total_steps=10) is None
 
 
+@pytest.mark.slow
 def test_annealed_training_and_hard_mask_evaluation():
   config = _annealed_config(2)
   lr = optim.learning_rate_schedule(config, 100, 100)
@@ -150,7 +152,7 @@ def test_annealed_training_and_hard_mask_evaluation():
                           num_classes=10, schedule=lr,
                           halt_temperature=optim.halt_temperature_schedule(config, 100))
   strategy = parallel.create_strategy(ctx, jax.devices()[:1])
-  model = model_lib.create_model(config.model)
+  model = network.create_model(config.model)
   state = strategy.put_state(steps.create_train_state(
       model, jax.random.key(0), optim.create_optimizer(config, lr)))
   rng = np.random.default_rng(0)
@@ -173,7 +175,7 @@ def test_annealed_training_and_hard_mask_evaluation():
   for name, cfg in (('soft', config), ('hard', hard_config)):
     eval_ctx = steps.StepContext(config=cfg, mean=ctx.mean, std=ctx.std, num_classes=10,
                                  schedule=lr)
-    cfg_state = host_state.replace(apply_fn=model_lib.create_model(cfg.model).apply)
+    cfg_state = host_state.replace(apply_fn=network.create_model(cfg.model).apply)
     sums[name] = jax.jit(functools.partial(evaluation.eval_step, ctx=eval_ctx))(cfg_state,
                                                                                 eval_batch)
   for key, value in sums['hard'].items():

@@ -1,7 +1,7 @@
 """The alternating timer's contract: turn order, outputs, one time per call (no speeds)."""
 import jax.numpy as jnp
 
-from stas_jax import timing
+from stas_jax.tools import timing
 
 
 def test_alternating_takes_turns_and_returns_last_outputs():

@@ -8,9 +8,9 @@ import torch
 
 from conftest import tiny_model_config
 from configs import default
-from stas_jax import convert
-from stas_jax import model as model_lib
-from stas_jax.model_config import spec_from_config
+from stas_jax.tools import convert
+from stas_jax.model import network
+from stas_jax.model.spec import spec_from_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks'))
 import torch_reference  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -22,7 +22,7 @@ def test_port_has_the_reference_state_dict_and_parameter_count():
   net = torch_reference.TorchSpikformer(spec_from_config(cfg))
   assert sum(p.numel() for p in net.parameters()) == 9_359_380  # as tests/test_model.py
   tiny = tiny_model_config(patch_embed='sps', **{'halt.mode': 'none'})
-  variables = model_lib.init_variables(model_lib.create_model(tiny), jax.random.PRNGKey(0))
+  variables = network.init_variables(network.create_model(tiny), jax.random.PRNGKey(0))
   want = {k for k in convert.to_pytorch(variables, tiny) if not convert.is_ignored_key(k)}
   got = set(torch_reference.TorchSpikformer(spec_from_config(tiny)).state_dict())
   assert {k for k in got if not convert.is_ignored_key(k)} == want

@@ -1,4 +1,4 @@
-"""Tests for train.py and stas_jax.train_lib: steps, parallel modes, resume, failures."""
+"""Tests for train.py and stas_jax.train.loop: steps, parallel modes, resume, failures."""
 import json
 import os
 import shutil
@@ -17,13 +17,13 @@ from configs import cifar100
 from configs import smoke
 from conftest import COLLECTIVE_TIMEOUT_FLAG
 from conftest import persistent_compilation_cache
-from stas_jax import checkpoint
-from stas_jax import input_pipeline
-from stas_jax import model as model_lib
-from stas_jax import optim
-from stas_jax import parallel
-from stas_jax import steps
-from stas_jax import train_lib
+from stas_jax.train import checkpoint
+from stas_jax.data import pipeline
+from stas_jax.model import network
+from stas_jax.train import optim
+from stas_jax.train import parallel
+from stas_jax.train import steps
+from stas_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The resume tests: long enough that a SIGKILL sent right after the first checkpoint lands
@@ -69,7 +69,7 @@ def _lines(workdir):
 
 
 def _abstract_state(config):
-  model = model_lib.create_model(config.model)
+  model = network.create_model(config.model)
   tx = optim.create_optimizer(config, optax.constant_schedule(1e-3))
   return jax.eval_shape(lambda: steps.create_train_state(model, jax.random.key(0), tx))
 
@@ -115,11 +115,12 @@ def test_learning_rate_warms_up_then_decays_to_minimum():
 @pytest.fixture
 def mock_cifar(monkeypatch):
   # mock_data turns download_and_prepare into a no-op, so preparing "works" without TensorFlow.
-  monkeypatch.setattr(input_pipeline, '_tensorflow_available', lambda: True)
+  monkeypatch.setattr(pipeline, '_tensorflow_available', lambda: True)
   with tfds.testing.mock_data(num_examples=16):
     yield
 
 
+@pytest.mark.slow
 def test_cifar100_recipe_end_to_end_on_mock_data(mock_cifar, tmp_path):
   """The cifar100 config (mixup, label smoothing, per-device BN under pmap on 8 devices) with a
   tiny model: train steps, an epoch-end evaluation, a checkpoint and the logs."""
@@ -130,7 +131,7 @@ def test_cifar100_recipe_end_to_end_on_mock_data(mock_cifar, tmp_path):
       'model.timesteps': 2, 'batch_size': 8, 'eval_batch_size': 8, 'num_train_steps': 2,
       'log_every_steps': 1, 'data.data_dir': str(tmp_path / 'tfds')})
   workdir = str(tmp_path / 'run')
-  final = train_lib.train_and_evaluate(config, workdir)
+  final = loop.train_and_evaluate(config, workdir)
   assert final['step'] == 2 and final['epoch'] == 1.0  # 16 mock examples: 2 steps per epoch
   assert final['eval/count'] == 16
   for key in ('eval/top1', 'eval/top5', 'eval/energy_mj', 'eval/token_ratio', 'eval/timesteps',
@@ -161,7 +162,7 @@ def _run_steps(config, devices, num_steps=3, batch_size=16, energy_weight=None):
   ctx = steps.StepContext(config=config, mean=np.float32([33.]), std=np.float32([78.]),
                           num_classes=10, schedule=schedule, energy_weight=energy_weight)
   strategy = parallel.create_strategy(ctx, devices)
-  model = model_lib.create_model(config.model, bn_axis_name=parallel.bn_axis_name(config))
+  model = network.create_model(config.model, bn_axis_name=parallel.bn_axis_name(config))
   # Plain SGD: Adam would turn the numerically-zero gradients of the biases in front of
   # BatchNorm into arbitrary +-lr steps, which differ between layouts.
   state = strategy.put_state(steps.create_train_state(model, jax.random.key(0),
@@ -174,6 +175,7 @@ def _run_steps(config, devices, num_steps=3, batch_size=16, energy_weight=None):
   return {'params': state.params, 'batch_stats': state.batch_stats}, history
 
 
+@pytest.mark.slow
 def test_pmap_and_jit_match_single_device():
   config = _equivalence_config()
   single, single_metrics = _run_steps(config, jax.devices()[:1])
@@ -251,7 +253,7 @@ def _eval_sums(config, devices, batch_size=16):
   ctx = steps.StepContext(config=config, mean=np.float32([33.]), std=np.float32([78.]),
                           num_classes=10, schedule=optax.constant_schedule(1e-3))
   strategy = parallel.create_strategy(ctx, devices)
-  model = model_lib.create_model(config.model)
+  model = network.create_model(config.model)
   state = strategy.put_state(steps.create_train_state(model, jax.random.key(0),
                                                           optax.sgd(0.1)))
   return strategy.eval_sums(state, batch)
@@ -327,6 +329,7 @@ def _assert_same_as_reference(workdir, ref_dir):
   assert _lines(workdir) == _lines(ref_dir)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(reference_run, compilation_cache, tmp_path):
   workdir = str(tmp_path / 'killed')
   returncode, _ = _start_and_stop_after_first_checkpoint(workdir, compilation_cache,
@@ -340,6 +343,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(reference_run, compilation
   _assert_same_as_reference(workdir, reference_run)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_then_resume_equals_uninterrupted_run(reference_run, compilation_cache,
                                                              tmp_path):
   workdir = str(tmp_path / 'terminated')
@@ -355,6 +359,7 @@ def test_sigterm_saves_then_resume_equals_uninterrupted_run(reference_run, compi
   _assert_same_as_reference(workdir, reference_run)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_previous(reference_run, compilation_cache,
                                                           tmp_path):
   workdir = str(tmp_path / 'corrupt')
@@ -376,11 +381,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(reference_run, compila
 _POISONED_TRAIN = """
 import runpy, sys
 import numpy as np
-from stas_jax import input_pipeline
+from stas_jax.data import pipeline
 
 BAD_STEP = int(sys.argv[1])  # argv: -c BAD_STEP train.py FLAGS...
 sys.argv = sys.argv[2:]
-real_create_datasets = input_pipeline.create_datasets
+real_create_datasets = pipeline.create_datasets
 
 
 class Poisoned:
@@ -409,11 +414,12 @@ def create_datasets(*args, **kwargs):
   return data
 
 
-input_pipeline.create_datasets = create_datasets
+pipeline.create_datasets = create_datasets
 runpy.run_path(sys.argv[0], run_name='__main__')
 """
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(reference_run, compilation_cache,
                                                            tmp_path):
   workdir = str(tmp_path / 'nan')
@@ -437,6 +443,7 @@ def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(reference_run, compil
 # ----------------------------------------------------------------------------- command line
 
 
+@pytest.mark.slow
 def test_missing_dataset_fails_fast_with_instructions(compilation_cache, tmp_path):
   empty = tmp_path / 'no_data'
   empty.mkdir()
@@ -453,6 +460,7 @@ def test_missing_dataset_fails_fast_with_instructions(compilation_cache, tmp_pat
   assert 'Traceback' not in result.stderr
 
 
+@pytest.mark.slow
 def test_misspelled_override_fails_clearly(compilation_cache, tmp_path):
   result = subprocess.run(_train_cmd(str(tmp_path / 'run'), {'batch_sise': 3}),
                           env=_subprocess_env(compilation_cache, 1), capture_output=True, text=True,

@@ -7,8 +7,11 @@ import pytest
 
 from configs import smoke
 from conftest import persistent_compilation_cache
-from stas_jax import checkpoint
-from stas_jax import train_lib
+from stas_jax.train import checkpoint
+from stas_jax.train import loop
+
+# Every test here trains, spawns processes or exports programs.
+pytestmark = pytest.mark.slow
 
 
 def _config(**overrides):
@@ -21,7 +24,7 @@ def _config(**overrides):
 def _setup(config, workdir):
   """What train_and_evaluate builds before it restores: (data, strategy, fresh state)."""
   os.makedirs(workdir)
-  data, strategy, state, _, _ = train_lib._setup(config, workdir)
+  data, strategy, state, _, _ = loop._setup(config, workdir)
   return data, strategy, state
 
 
@@ -48,14 +51,14 @@ def compilation_cache(tmp_path_factory):
 def first_stage(tmp_path_factory):
   """I-SPS without halting for 2 steps: the first stage of STAS's two-stage training."""
   workdir = str(tmp_path_factory.mktemp('two_stage') / 'stage1')
-  train_lib.train_and_evaluate(_config(**{'model.halt.mode': 'none'}), workdir)
+  loop.train_and_evaluate(_config(**{'model.halt.mode': 'none'}), workdir)
   return workdir
 
 
 def test_second_stage_starts_from_first_stage_parameters(first_stage, tmp_path):
   config = _config(init_from=first_stage)  # spatiotemporal halting on top
   data, strategy, fresh = _setup(config, str(tmp_path / 'stage2'))
-  started = strategy.get_state(train_lib._warm_start(config, str(tmp_path / 'stage2'),
+  started = strategy.get_state(loop._warm_start(config, str(tmp_path / 'stage2'),
                                                      strategy, fresh))
   fresh = strategy.get_state(fresh)
   trained, step = _latest(first_stage, fresh)
@@ -69,11 +72,11 @@ def test_second_stage_starts_from_first_stage_parameters(first_stage, tmp_path):
 
 def test_second_stage_trains_and_resumes_from_its_own_checkpoint(first_stage, tmp_path):
   workdir = str(tmp_path / 'stage2')
-  summary = train_lib.train_and_evaluate(_config(init_from=first_stage), workdir)
+  summary = loop.train_and_evaluate(_config(init_from=first_stage), workdir)
   assert summary['start_step'] == 0 and summary['step'] == 2
   assert np.isfinite(summary['train/loss']) and 0 < summary['eval/token_ratio'] <= 1
   # Resumed, it goes on from its own step 2, not from the first stage again.
-  summary = train_lib.train_and_evaluate(
+  summary = loop.train_and_evaluate(
       _config(init_from=first_stage, num_train_steps=4), workdir)
   assert summary['start_step'] == 2 and summary['step'] == 4
 
@@ -81,22 +84,22 @@ def test_second_stage_trains_and_resumes_from_its_own_checkpoint(first_stage, tm
 def test_missing_first_stage_fails_clearly(tmp_path):
   config = _config(init_from=str(tmp_path / 'nowhere'))
   with pytest.raises(FileNotFoundError, match='train the first stage'):
-    train_lib.train_and_evaluate(config, str(tmp_path / 'stage2'))
+    loop.train_and_evaluate(config, str(tmp_path / 'stage2'))
   os.makedirs(tmp_path / 'empty' / 'checkpoints')
   with pytest.raises(FileNotFoundError, match='holds no checkpoint'):
-    train_lib.train_and_evaluate(_config(init_from=str(tmp_path / 'empty')),
+    loop.train_and_evaluate(_config(init_from=str(tmp_path / 'empty')),
                                  str(tmp_path / 'stage2b'))
 
 
 def test_own_workdir_is_rejected(tmp_path):
   workdir = str(tmp_path / 'run')
   with pytest.raises(ValueError, match="own --workdir"):
-    train_lib.train_and_evaluate(_config(init_from=workdir), workdir)
+    loop.train_and_evaluate(_config(init_from=workdir), workdir)
 
 
 def test_other_model_fails_clearly_and_keeps_the_first_stage(first_stage, tmp_path):
   before = sorted(os.listdir(os.path.join(first_stage, 'checkpoints')))
   with pytest.raises(checkpoint.CheckpointError, match='Both stages need the same model'):
-    train_lib.train_and_evaluate(_config(init_from=first_stage, **{'model.dim': 32}),
+    loop.train_and_evaluate(_config(init_from=first_stage, **{'model.dim': 32}),
                                  str(tmp_path / 'stage2'))
   assert sorted(os.listdir(os.path.join(first_stage, 'checkpoints'))) == before

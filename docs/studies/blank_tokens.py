@@ -8,7 +8,7 @@ encoder-input spikes per token per timestep.
   PYTHONPATH=. python docs/studies/blank_tokens.py runs/study_ts2/isps-spatiotemporal/seed0
 """
 import sys
-from typing import Dict
+
 
 import einops
 import numpy as np
@@ -24,7 +24,7 @@ def blank_tokens(images: np.ndarray, patch_size: int) -> np.ndarray:
 
 
 def group_stats(active: np.ndarray, h: np.ndarray, spikes: np.ndarray,
-                group: np.ndarray) -> Dict[str, float]:
+                group: np.ndarray) -> dict[str, float]:
   """Means over the tokens of `group` (B, N): cells processed (active (T, L, B, N) summed over
   the cells), halting score h (T, L, B, N) over all cells, encoder-input spikes (B, N)."""
   return {'cells': float(active[:, :, group].sum((0, 1)).mean()),
@@ -34,9 +34,13 @@ def group_stats(active: np.ndarray, h: np.ndarray, spikes: np.ndarray,
 
 def main(workdir: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from stas_jax import evaluation, halting, input_pipeline, run_files, steps  # pylint: disable=g-import-not-at-top
+  from stas_jax.train import evaluation  # pylint: disable=g-import-not-at-top
+  from stas_jax.model import halting  # pylint: disable=g-import-not-at-top
+  from stas_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from stas_jax.train import run_files  # pylint: disable=g-import-not-at-top
+  from stas_jax.train import steps  # pylint: disable=g-import-not-at-top
   config = run_files.load_config(workdir)
-  data = input_pipeline.create_datasets(config, process_index=0, process_count=1)
+  data = pipeline.create_datasets(config, process_index=0, process_count=1)
   model, variables, _ = evaluation.restore(config, workdir)
   ctx = steps.StepContext(config=config, mean=data.mean, std=data.std,
                           num_classes=data.num_classes)
@@ -48,9 +52,8 @@ def main(workdir: str) -> None:
   blank = blank_tokens(np.asarray(images)[keep, ..., 0], config.model.patch_size)
   hp = config.model.halt
   gamma, beta = model.apply(variables, method=model.halting_params)
-  head = model.apply(variables, method=model.score_head)            # None: the channel rule
   z = np.asarray(aux['block_outputs'])[:, :, keep]                  # (T, L, B, N, D)
-  h = np.asarray(halting.halting_score(z, gamma, beta, hp.channel, head))
+  h = np.asarray(halting.halting_score(z, gamma, beta, hp.channel))
   active = np.asarray(aux['active'])[:, :, keep]                    # (T, L, B, N)
   spikes = np.asarray(aux['block_inputs'])[0, 0][keep].sum(-1)      # (B, N)
   print(f'{len(blank)} images, {blank.shape[1]} tokens each, blank share {blank.mean():.3f}')
