@@ -8,6 +8,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from stas_jax.model import halting
 from stas_jax.model import layers
@@ -253,5 +254,7 @@ def init_variables(model: STAS, rng: jax.Array, batch_size: int = 1) -> dict[str
 def _init_fn(model: STAS, batch_size: int):
   """The jitted `model.init` (one compile per model, whatever the number of runs or seeds)."""
   s = model.spec
-  images = jnp.zeros((batch_size, s.image_size, s.image_size, s.in_channels), jnp.float32)
+  # A NumPy array, not jnp: a jnp constant made while some caller is being traced would be a
+  # tracer, and the cache would hand it to every later caller (UnexpectedTracerError).
+  images = np.zeros((batch_size, s.image_size, s.image_size, s.in_channels), np.float32)
   return jax.jit(lambda r: model.init(r, images, train=False))
