@@ -2,6 +2,8 @@
 import contextlib
 import os
 
+import pytest
+
 # Must happen before jax is imported anywhere. Eight virtual devices share two cores, so one
 # device can reach a pmap collective long after the others; XLA:CPU aborts the process when a
 # collective waits longer than 40 s by default, which a loaded machine can exceed. 300 s still
@@ -46,3 +48,24 @@ def persistent_compilation_cache(cache: str):
   finally:
     for k, v in previous.items():
       jax.config.update(k, v)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def session_compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the whole session, also for the subprocesses that
+  tests start (JAX_COMPILATION_CACHE_DIR): the smoke model's programs, which most modules and
+  the train.py / ablate subprocesses build, compile once. It starts empty in every session."""
+  cache = str(tmp_path_factory.getbasetemp() / 'jax_cache_session')
+  env = {'JAX_COMPILATION_CACHE_DIR': cache, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+         'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+  previous = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  try:
+    with persistent_compilation_cache(cache):
+      yield cache
+  finally:
+    for k, v in previous.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v

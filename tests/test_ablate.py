@@ -10,7 +10,6 @@ import pytest
 
 from configs import ablation_demo
 from configs import smoke
-from conftest import persistent_compilation_cache
 from stas_jax.tools import ablate
 from stas_jax.tools import evaluate
 from stas_jax.train import run_files
@@ -22,11 +21,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
-def compilation_cache(tmp_path_factory):
-  """Shares test_evaluate's persistent cache: the smoke model compiles once per session."""
-  cache = str(tmp_path_factory.getbasetemp() / 'jax_cache_studies')
-  with persistent_compilation_cache(cache):
-    yield cache
+def compilation_cache(session_compilation_cache):
+  """The session's persistent compilation cache (tests/conftest.py), also for subprocesses."""
+  return session_compilation_cache
 
 
 def _base():

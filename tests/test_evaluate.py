@@ -11,7 +11,6 @@ import optax
 import pytest
 
 from configs import smoke
-from conftest import persistent_compilation_cache
 import stas_jax
 from stas_jax.data import pipeline
 from stas_jax.tools import evaluate
@@ -30,11 +29,9 @@ TOP_KEYS = ('step', 'total_steps', 'count', 'top1', 'top5', 'loss', 'token_ratio
 
 
 @pytest.fixture(scope='module')
-def compilation_cache(tmp_path_factory):
-  """One persistent compilation cache for this module and its subprocess."""
-  cache = str(tmp_path_factory.getbasetemp() / 'jax_cache_studies')
-  with persistent_compilation_cache(cache):
-    yield cache
+def compilation_cache(session_compilation_cache):
+  """The session's persistent compilation cache (tests/conftest.py), also for subprocesses."""
+  return session_compilation_cache
 
 
 @pytest.fixture(scope='module')

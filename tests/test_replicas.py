@@ -15,7 +15,6 @@ import pytest
 
 from configs import smoke
 from conftest import COLLECTIVE_TIMEOUT_FLAG
-from conftest import persistent_compilation_cache
 from stas_jax.data import pipeline
 from stas_jax.model import network
 from stas_jax.train import checkpoint
@@ -29,11 +28,9 @@ SEEDS = (0, 1)
 
 
 @pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """One persistent compilation cache for this module and its subprocesses."""
-  cache = str(tmp_path_factory.mktemp('jax_cache_replicas'))
-  with persistent_compilation_cache(cache):
-    yield cache
+def compilation_cache(session_compilation_cache):
+  """The session's persistent compilation cache (tests/conftest.py), also for subprocesses."""
+  return session_compilation_cache
 
 
 def _smoke(seed=0, **overrides):

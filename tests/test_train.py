@@ -16,7 +16,6 @@ import tensorflow_datasets as tfds
 from configs import cifar100
 from configs import smoke
 from conftest import COLLECTIVE_TIMEOUT_FLAG
-from conftest import persistent_compilation_cache
 from stas_jax.train import checkpoint
 from stas_jax.data import pipeline
 from stas_jax.model import network
@@ -34,12 +33,9 @@ RUN_OVERRIDES = {'num_train_steps': RUN_STEPS, 'checkpoint_every_steps': CKPT_EV
 
 
 @pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache shared with the train.py subprocesses: each model config
-  compiles once for the whole module."""
-  cache = str(tmp_path_factory.mktemp('jax_cache'))
-  with persistent_compilation_cache(cache):
-    yield cache
+def compilation_cache(session_compilation_cache):
+  """The session's persistent compilation cache (tests/conftest.py), also for subprocesses."""
+  return session_compilation_cache
 
 
 def _smoke(**overrides):

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from conftest import persistent_compilation_cache
 from stas_jax.train import checkpoint
 from stas_jax.train import loop
 from stas_jax.train import steps
@@ -41,11 +40,9 @@ def _equal(a, b):
 
 
 @pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """One persistent cache for the module: each run builds new jitted steps, and the runs
-  here share their shapes."""
-  with persistent_compilation_cache(str(tmp_path_factory.mktemp('jax_cache'))) as cache:
-    yield cache
+def compilation_cache(session_compilation_cache):
+  """The session's persistent compilation cache (tests/conftest.py), also for subprocesses."""
+  return session_compilation_cache
 
 
 @pytest.fixture(scope='module')

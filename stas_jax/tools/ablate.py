@@ -32,6 +32,7 @@ from stas_jax.train import optim
 from stas_jax.train import preemption
 from stas_jax.train import run_files
 from stas_jax.tools import study_report
+from stas_jax.tools import workers as train_workers
 from stas_jax.train import loop
 
 ROW_INFO = 'ablation_row.json'
@@ -207,19 +208,38 @@ def _check_not_stale(run_dir: str, config: ml_collections.ConfigDict) -> None:
           f'{"; ..." if len(diff) > 4 else ""}); delete it or choose another --out.')
 
 
-def train_runs(runs: list[tuple[ml_collections.ConfigDict, str]], joint: bool) -> None:
-  """Trains (or resumes) runs of one row: with `joint` side by side in one program
-  (`loop.train_and_evaluate_replicas`, which resumes them from a step all of them saved), else
-  one by one. Each run's ROW_INFO records its training wall time (that of the program it was
-  part of), how many runs that program trained, and a failure (non-finite loss) if it stopped
-  alone."""
-  groups = [runs] if joint else [[run] for run in runs]
-  for group in groups:
+def train_runs(runs: list[tuple[ml_collections.ConfigDict, str]], joint: bool,
+               workers: int = 1) -> None:
+  """Trains (or resumes) runs: with `workers` > 1 each run in a worker process pinned to its
+  share of the cores (`workers.train_in_workers`, the faster way on a CPU); else with `joint`
+  the runs of one config side by side in one program (`loop.train_and_evaluate_replicas`, which
+  resumes them from a step all of them saved; the way on GPU/TPU); else one by one. Each run's
+  ROW_INFO records its training wall time (that of the program it was part of), how many runs
+  that program trained, and a failure (non-finite loss) if it stopped alone."""
+  if workers > 1:
+    start = time.monotonic()
+    results = train_workers.train_in_workers(runs, workers)
+    for (_, run_dir), result in zip(runs, results):
+      result.setdefault('wall_time_s', time.monotonic() - start)
+      result.setdefault('start_step', None)
+      result.setdefault('step', None)
+      _write_row_info(run_dir, result, 1)
+    return
+  groups: dict[str, list[tuple[ml_collections.ConfigDict, str]]] = {}
+  for config, run_dir in runs:
+    key = json.dumps(_program_key(config), sort_keys=True) if joint else run_dir
+    groups.setdefault(key, []).append((config, run_dir))
+  for group in groups.values():
     logging.info('training %s%s', ', '.join(d for _, d in group),
                  ' side by side in one program' if len(group) > 1 else '')
     finals = loop.train_and_evaluate_replicas([c for c, _ in group], [d for _, d in group])
     for (_, run_dir), final in zip(group, finals):
       _write_row_info(run_dir, final, len(group))
+
+
+def _program_key(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What must be equal for runs to train side by side (all but `loop.REPLICA_KEYS`)."""
+  return {k: v for k, v in run_files.config_json(config).items() if k not in loop.REPLICA_KEYS}
 
 
 def evaluate_run(row: Row, config: ml_collections.ConfigDict, run_dir: str,
@@ -245,38 +265,30 @@ def evaluate_run(row: Row, config: ml_collections.ConfigDict, run_dir: str,
               joint_runs=info.get('joint_runs', 1), reused=reused)
 
 
-def run_row(row: Row, runs: list[tuple[ml_collections.ConfigDict, str]],
-            data: pipeline.DataBundle, run_plots: bool, joint: bool
-            ) -> list[dict[str, Any] | None]:
-  """Trains what is left of a row's runs (side by side if `joint`) and evaluates each run.
-
-  Returns one report per run (see `evaluate_run`): None for a run that stopped in training.
-  """
-  total = optim.total_train_steps(runs[0][0], data.steps_per_epoch)
-  to_train = []
+def runs_to_train(runs: list[tuple[ml_collections.ConfigDict, str]],
+                  total_steps: int) -> list[tuple[ml_collections.ConfigDict, str]]:
+  """The runs whose training is not finished (checking that none holds another config)."""
+  out = []
   for config, run_dir in runs:
     if finished_report(run_dir, config) is not None:
       continue
     _check_not_stale(run_dir, config)
-    if not training_finished(run_dir, total):
-      to_train.append((config, run_dir))
-  if to_train:
-    train_runs(to_train, joint)
-  trained = {d for _, d in to_train}
-  return [evaluate_run(row, config, run_dir, data, run_plots, run_dir in trained)
-          for config, run_dir in runs]
+    if not training_finished(run_dir, total_steps):
+      out.append((config, run_dir))
+  return out
 
 
 def run_study(base: ml_collections.ConfigDict, out: str,
-              study: ml_collections.ConfigDict | None = None,
-              joint: bool = True) -> list[dict[str, Any]]:
+              study: ml_collections.ConfigDict | None = None, joint: bool = True,
+              workers: int = 1) -> list[dict[str, Any]]:
   """Runs (or reuses) every row of the study, then writes the table and figures.
 
   Args:
     base: the base experiment config; rows override model.patch_embed / halt.mode / timesteps.
     out: the study directory.
     study: see `default_study`.
-    joint: train the seeds of a row side by side in one program (`train_runs`).
+    joint, workers: how the runs train (`train_runs`): all runs of the study are planned first,
+      trained, then evaluated row by row.
 
   Returns:
     The table lines (as in ablation.csv).
@@ -287,17 +299,28 @@ def run_study(base: ml_collections.ConfigDict, out: str,
   rows = study_rows(base, study)
   data = pipeline.create_datasets(base, process_index=0, process_count=1)
   steps = optim.total_train_steps(base, data.steps_per_epoch)
+  row_runs: dict[str, list[tuple[ml_collections.ConfigDict, str]]] = {}
+  unique: dict[str, ml_collections.ConfigDict] = {}
+  for row in rows:
+    row_runs[row.name] = [(row_config(base, row, seed), os.path.join(out, run_dir))
+                          for seed, run_dir in run_dirs(row, study.seeds)]
+    for config, run_dir in row_runs[row.name]:
+      unique.setdefault(run_dir, config)
+  to_train = runs_to_train([(c, d) for d, c in unique.items()], steps)
+  logging.info('Study of %d rows, %d runs: %d to train', len(rows), len(unique), len(to_train))
+  if to_train:
+    train_runs(to_train, joint, workers)
+  trained = {d for _, d in to_train}
   reports: dict[str, list[dict[str, Any]]] = {}
   failed: list[str] = []
   by_dir: dict[str, dict[str, Any] | None] = {}
   for i, row in enumerate(rows):
-    runs = [(row_config(base, row, seed), os.path.join(out, run_dir))
-            for seed, run_dir in run_dirs(row, study.seeds)]
-    todo = [(c, d) for c, d in runs if d not in by_dir]
-    logging.info('[%d/%d] %s: %d run(s)', i + 1, len(rows), row.name, len(runs))
-    if todo:
-      by_dir.update(zip((d for _, d in todo),
-                        run_row(row, todo, data, study.run_plots, joint)))
+    logging.info('[%d/%d] %s', i + 1, len(rows), row.name)
+    for config, run_dir in row_runs[row.name]:
+      if run_dir not in by_dir:
+        by_dir[run_dir] = evaluate_run(row, config, run_dir, data, study.run_plots,
+                                       run_dir in trained)
+    runs = row_runs[row.name]
     reports[row.name] = [by_dir[d] for _, d in runs if by_dir[d] is not None]
     failed += [f'{row.name} seed {c.seed}' for c, d in runs if by_dir[d] is None]
     if not reports[row.name]:
@@ -321,6 +344,9 @@ def define_flags():
                     "(default: the study config's, i.e. all).")
   flags.DEFINE_list('t_sweep', None, 'Timesteps of the sweep, e.g. 1,2,4,6; empty: no sweep '
                     "(default: the study config's).")
+  flags.DEFINE_integer('workers', 1, 'Train in this many worker processes, each pinned to its '
+                       'share of the CPU cores (the faster way on a CPU; docs/performance.md); '
+                       '1: in this process.')
   flags.DEFINE_bool('joint', True, 'Train the seeds of a row side by side in one compiled '
                     'program (the train state stacked on a replica axis); --nojoint trains '
                     'them one after the other.')
@@ -343,12 +369,14 @@ def main(argv):
   if f.seeds is not None:
     study.seeds = tuple(int(k) for k in f.seeds)
   try:
-    run_study(f.config, f.out, study, joint=f.joint)
+    run_study(f.config, f.out, study, joint=f.joint, workers=f.workers)
+  except KeyboardInterrupt as e:  # the workers saved a checkpoint each (workers.py)
+    sys.exit(f'\nInterrupted ({e}): rerun the same ablate command to resume the runs.')
   except preemption.TrainingInterrupted as e:
     logging.warning('%s (rerun the same ablate command: finished rows are reused)', e)
     sys.exit(128 + e.signum)
   except (loop.NonFiniteLossError, pipeline.DatasetUnavailableError,
-          StaleRunError) as e:
+          StaleRunError, train_workers.WorkerError) as e:
     sys.exit(f'\nERROR: {e}')
   with open(os.path.join(f.out, study_report.MD)) as fh:
     print(fh.read())
