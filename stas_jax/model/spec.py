@@ -12,6 +12,9 @@ from stas_jax.model import halting
 from stas_jax.model import neurons
 
 GEOMETRIES = ('cifar', 'imagenet')
+# The spiking Transformer the halting encoder belongs to (docs/method.md section 3): Spikformer,
+# the Spike-driven Transformer v1 (stas_jax/model/sdt.py) and QKFormer (stas_jax/model/qkformer.py).
+BACKBONES = ('spikformer', 'sdt', 'qkformer')
 PATCH_EMBEDS = ('sps', 'isps')
 ISPS_REDUCES = ('mean', 'sum')
 ISPS_INTEGRATE_AT = ('first_lif', 'sps_output')
@@ -104,6 +107,7 @@ class ModelSpec:
   These field defaults are the defaults of `config.model` (`configs/default.py` builds the
   group from them).
   """
+  backbone: str = 'spikformer'    # 'spikformer' | 'sdt' | 'qkformer' (BACKBONES)
   geometry: str = 'cifar'         # 'cifar' (Linear blocks) | 'imagenet' (1x1 convs, no qkv bias)
   image_size: int = 32
   in_channels: int = 3
@@ -128,6 +132,11 @@ class ModelSpec:
   remat_policy: str = 'dots_saveable'
   unroll_time: bool = True        # unroll the T-step time scan, the block scan stays rolled
   unroll_scans: bool = False      # unroll the block scan too (implies unroll_time; longer compile)
+  # QKFormer only: its reference applies the stage-3 proj_lif to a (T * B, C, N) tensor, so the
+  # LIF's time axis runs over the images too and its membrane passes from each image to the next
+  # (layers.lif_over_batch). True reproduces that (parity with official checkpoints); False runs it
+  # per image like every other LIF (docs/method.md section 3).
+  proj_lif_over_batch: bool = False
   neuron: NeuronSpec = NeuronSpec()
   isps: ISPSSpec = ISPSSpec()
   halt: HaltSpec = HaltSpec()
@@ -135,6 +144,13 @@ class ModelSpec:
   @property
   def num_pools(self) -> int:
     return int(round(math.log2(self.patch_size)))
+
+  @property
+  def encoder_depth(self) -> int:
+    """Blocks in the halting encoder, the L of the (T, L) grid: `depth`, except for QKFormer,
+    whose `depth` counts its one stage-1 and one stage-2 block too (the official `depths`) and
+    whose encoder is stage 3 (docs/method.md section 3)."""
+    return self.depth - 2 if self.backbone == 'qkformer' else self.depth
 
   @property
   def grid_size(self) -> int:
@@ -154,8 +170,9 @@ class ModelSpec:
 
   @property
   def qkv_bias(self) -> bool:
-    # Reference CIFAR blocks use nn.Linear (bias); ImageNet's use bias-free Conv1d for q, k, v.
-    return self.geometry == 'cifar'
+    # Reference CIFAR blocks use nn.Linear (bias); ImageNet's use bias-free Conv1d for q, k, v,
+    # as do every SDT and QKFormer attention.
+    return self.geometry == 'cifar' and self.backbone == 'spikformer'
 
   @property
   def sps_channels(self):
@@ -193,7 +210,9 @@ class ModelSpec:
       return 1
     if self.isps.integrate_at == 'sps_output':
       return self.spikes_per_unit
-    if self.isps.tail_modes[-1] == 'multi_step':
+    # The LIFs that make U: Spikformer's RPE LIF (and LIF3), QKFormer's patch_embed3.
+    last = self.isps.tail_modes[2 if self.backbone == 'qkformer' else 3]
+    if last == 'multi_step':
       return self.tail_spikes_per_unit
     return 1
 
@@ -248,7 +267,7 @@ def spec_from_config(cfg) -> ModelSpec:
   return spec
 
 
-def _validate_tail(isps: ISPSSpec):
+def _validate_tail(isps: ISPSSpec, backbone: str):
   modes = isps.tail_modes
   if len(modes) != len(ISPS_TAIL_LIFS):
     raise ValueError(f'model.isps.tail={isps.tail!r}: give one mode or {len(ISPS_TAIL_LIFS)} '
@@ -258,7 +277,7 @@ def _validate_tail(isps: ISPSSpec):
   if not isinstance(isps.tail_steps, int) or isps.tail_steps < 0:
     raise ValueError(f'model.isps.tail_steps={isps.tail_steps!r}: give a number of steps >= 1, '
                      'or 0 for T (model.timesteps)')
-  if (modes[2] == 'multi_step') != (modes[3] == 'multi_step'):
+  if backbone == 'spikformer' and (modes[2] == 'multi_step') != (modes[3] == 'multi_step'):
     raise ValueError(f'model.isps.tail={isps.tail!r}: proj_lif3 and rpe_lif add up to the token '
                      'map, so they must both be multi_step (a spike count) or both not (spikes)')
 
@@ -268,7 +287,8 @@ def _validate(s: ModelSpec):
   _choice(s.patch_embed, PATCH_EMBEDS, 'model.patch_embed')
   _choice(s.isps.reduce, ISPS_REDUCES, 'model.isps.reduce')
   _choice(s.isps.integrate_at, ISPS_INTEGRATE_AT, 'model.isps.integrate_at')
-  _validate_tail(s.isps)
+  _choice(s.backbone, BACKBONES, 'model.backbone')
+  _validate_tail(s.isps, s.backbone)
   _choice(s.halt.mode, halting.MODES, 'model.halt.mode')
   _choice(s.halt.prior, halting.PRIORS, 'model.halt.prior')
   _choice(s.neuron.surrogate, neurons.SURROGATES, 'model.neuron.surrogate')
@@ -287,7 +307,33 @@ def _validate(s: ModelSpec):
   for key in ('depth', 'timesteps', 'heads', 'num_classes', 'in_channels'):
     if getattr(s, key) < 1:
       raise ValueError(f'model.{key} must be >= 1, got {getattr(s, key)}')
+  _validate_backbone(s)
   if not 0 <= s.halt.channel < s.dim:
     raise ValueError(f'model.halt.channel={s.halt.channel} is outside [0, dim={s.dim})')
   if not 0 < s.halt.eps < 1:
     raise ValueError(f'model.halt.eps={s.halt.eps} must lie in (0, 1)')
+
+
+def _validate_backbone(s: ModelSpec):
+  """The sizes SDT and QKFormer need beyond Spikformer's (docs/method.md section 3)."""
+  if s.proj_lif_over_batch and s.backbone != 'qkformer':
+    raise ValueError('model.proj_lif_over_batch reproduces a quirk of the QKFormer reference; '
+                     f"it has no meaning for model.backbone={s.backbone!r}")
+  if s.backbone == 'spikformer':
+    return
+  if s.geometry != 'cifar':
+    raise ValueError(f'model.backbone={s.backbone!r} has one block layout (1x1 convolutions); '
+                     "model.geometry names Spikformer's CIFAR or ImageNet layout: keep 'cifar'")
+  if s.backbone != 'qkformer':
+    return
+  if s.patch_size < 4:
+    raise ValueError(f'model.patch_size={s.patch_size}: QKFormer down-samples twice (patch '
+                     'embeddings 2 and 3), so the patch size is 4, or 8 or 16 with max-pools in '
+                     'patch_embed1')
+  if s.depth < 3:
+    raise ValueError(f'model.depth={s.depth}: QKFormer has one block in each of stages 1 and 2 '
+                     'and depth - 2 in stage 3, the halting encoder; give depth >= 3')
+  if (s.dim // 4) % s.heads or s.dim % 4:
+    raise ValueError(f'model.dim={s.dim}: QKFormer stage 1 is dim / 4 wide and splits it into '
+                     f'model.heads={s.heads} heads; make dim / 4 a multiple of heads (the '
+                     'official code uses 8 heads whatever num_heads says)')
