@@ -35,6 +35,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.crop_padding = 4
   config.data.hflip = True
   config.data.random_resized_crop = False  # ImageNet-style augmentation
+  # RandAugment (timm's rand-m9-n1-mstd0.4-inc1 when on) and random erasing, on the device
+  # (stas_jax/data/randaugment.py); 0 = off.
+  config.data.randaugment_num_layers = 0
+  config.data.randaugment_magnitude = 9.0
+  config.data.randaugment_magnitude_std = 0.4
+  config.data.randaugment_prob = 0.5
+  config.data.random_erasing_prob = 0.0
   config.data.mixup_alpha = 0.5
   config.data.cutmix_alpha = 0.0
   config.data.mixup_off_epoch = 200
