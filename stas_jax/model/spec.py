@@ -332,7 +332,8 @@ def _validate_backbone(s: ModelSpec):
                      'patch_embed1')
   if s.depth < 3:
     raise ValueError(f'model.depth={s.depth}: QKFormer has one block in each of stages 1 and 2 '
-                     'and depth - 2 in stage 3, the halting encoder; give depth >= 3')
+                     'and depth - 2 in stage 3, the halting encoder; give depth >= 3 (the '
+                     'demo-sized QKFormer: configs/demo_qkformer.py)')
   if (s.dim // 4) % s.heads or s.dim % 4:
     raise ValueError(f'model.dim={s.dim}: QKFormer stage 1 is dim / 4 wide and splits it into '
                      f'model.heads={s.heads} heads; make dim / 4 a multiple of heads (the '
