@@ -222,7 +222,8 @@ class STAS(nn.Module):
         (`sdt.step_weight`): its spikes go through the Linear head, averaged over T.
 
     Returns:
-      (logits (B, K), head stats: SDT's {'head_lif': (B,)}, else {}).
+      (logits (B, K), head stats: SDT's {'head_lif': (B,) spike counts, 'head_spikes':
+      (T, B, D)}, else {}).
     """
     if self.spec.backbone != 'sdt':
       return self.classify(out), {}

@@ -78,7 +78,7 @@ class TokenQKAttention(_Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, steps: int) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """x (steps * B, N, C) -> (proj_lif spikes like x, per-image sums (B,))."""
+    """x (steps * B, N, C) -> (proj_lif spikes like x, per-image spike sums (B,))."""
     s, c = self.spec, self.width
     batch = x.shape[0] // steps
     q = self.lif_on(self.bn('q_bn')(_dense(s, c, 'q_conv', False)(x), self.train), steps)
@@ -89,8 +89,8 @@ class TokenQKAttention(_Module):
                          'b n h d -> b n (h d)')
     out = self.lif_on(self.bn('proj_bn')(_dense(s, c, 'proj_conv', True)(y), self.train), steps)
     sums = lambda a: layers.image_sums(a, batch)
-    return out, {'x_in': sums(x), 'q_lif': sums(q), 'k_lif': sums(k), 'attn_lif': sums(mask),
-                 'y': sums(y), 'proj_lif': sums(out)}
+    return out, {'q_lif': sums(q), 'k_lif': sums(k), 'attn_lif': sums(mask), 'y': sums(y),
+                 'proj_lif': sums(out)}
 
 
 class MLP(_Module):
@@ -106,7 +106,7 @@ class MLP(_Module):
     h1 = self.lif_on(self.bn('mlp1_bn')(_dense(s, hidden, 'mlp1_conv', True)(x), self.train), steps)
     h2 = self.lif_on(self.bn('mlp2_bn')(_dense(s, c, 'mlp2_conv', True)(h1), self.train), steps)
     sums = lambda a: layers.image_sums(a, batch)
-    return h2, {'x_mid': sums(x), 'mlp1_lif': sums(h1), 'mlp2_lif': sums(h2)}
+    return h2, {'mlp1_lif': sums(h1), 'mlp2_lif': sums(h2)}
 
 
 class TokenSpikingTransformer(_Module):
@@ -247,8 +247,9 @@ class Tokenizer(nn.Module):
       aux: per-image (B,) sums keyed like the reference modules ('patch_embed1.proj_lif',
         'stage1.0.tssa.q_lif', 'patch_embed2.conv3_in', ...: spike counts of every LIF and the
         spikes entering every conv, a value v of an integrated input counting v * its spikes
-        per unit) and `token_values` (T, B, N); with `capture` also the (T, B, N, C) outputs
-        'patch_embed<i>_out', 'stage<i>_attn_out', 'stage<i>_out' (i = 1, 2; 3 for the first).
+        per unit) and `token_values` (T, B, N); with `capture` also 'captures', the
+        (T, B, N, C) outputs 'patch_embed<i>_out' (i = 1, 2, 3), 'stage<i>_attn_out' and
+        'stage<i>_out' (i = 1, 2).
     """
     s = self.spec
     steps_t = s.timesteps
