@@ -56,7 +56,8 @@ class ISPSSpec:
     | 'multi_step' (the T steps' spikes integrated by `reduce`). One mode for the four tail LIFs,
     or four comma-separated modes for LIF1, LIF2, LIF3 and the RPE LIF in turn (e.g.
     'multi_step,single_step,single_step,single_step'); LIF3 and the RPE LIF, whose outputs add
-    up to the token map, must both be multi_step or both not.
+    up to the token map, must both be multi_step or both not. SDT reads the first three (its
+    LIF1-3; MS_SPS has no RPE LIF), QKFormer the first three for its patch embeddings 1-3.
   tail_steps: how many steps the any_spike and multi_step tail neurons run on their constant
     current (0: T, the timesteps). A neuron of tau 2 on a constant current I fires 0, 1, 2 or 4
     times over 4 steps (from I = 16/15, 4/3 and 2 on) and 0, 1 or 2 times over 2 steps (from 4/3
