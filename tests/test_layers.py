@@ -50,6 +50,30 @@ def test_max_pool_gradient_on_spikes_matches_pytorch(shape):
   np.testing.assert_allclose(np.asarray(g), xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-6)
 
 
+def _nine_pad_backward(height, width, arg, g):
+  """The max-pool gradient as the sum, in tap order, of the nine tap gradients each padded back
+  to the input grid (interior padding 1): the formulation `layers._max_pool_bwd` replaced."""
+  out_h, out_w = g.shape[1:3]
+  dxp = 0
+  for k in range(9):
+    i, j = divmod(k, 3)
+    spread = [(0, 0, 0), (i, height + 2 - i - 2 * out_h + 1, 1),
+              (j, width + 2 - j - 2 * out_w + 1, 1), (0, 0, 0)]
+    dxp = dxp + jax.lax.pad(jnp.where(arg == k, g, 0.0), 0.0, spread)
+  return dxp[:, 1:height + 1, 1:width + 1, :]
+
+
+@pytest.mark.parametrize('size', [8, 7, 16, 1, 2])
+def test_max_pool_backward_equals_the_nine_padded_taps_bit_for_bit(size):
+  """The parity-interleaved backward adds the same terms in the same order (zeros aside)."""
+  rng = np.random.default_rng(size)
+  x = jnp.asarray((rng.random((2, size, size, 3)) < 0.4).astype(np.float32))   # many ties
+  _, arg = layers._max_pool_fwd(x, size, size)
+  g = jnp.asarray(rng.normal(size=arg.shape).astype(np.float32))
+  got = layers._max_pool_bwd(size, size, arg, g)[0]
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(_nine_pad_backward(size, size, arg, g)))
+
+
 def test_masked_batch_norm_counts_active_rows_and_survives_all_halted():
   x = jnp.array([[1.0, 10.0], [3.0, 20.0], [100.0, -5.0]])[None]   # (1, 3 tokens, 2)
   mask = jnp.array([[1.0, 1.0, 0.0]])[..., None]

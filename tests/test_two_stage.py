@@ -9,6 +9,7 @@ from configs import smoke
 from conftest import persistent_compilation_cache
 from stas_jax.train import checkpoint
 from stas_jax.train import loop
+from stas_jax.train import steps
 
 # Every test here trains, spawns processes or exports programs.
 pytestmark = pytest.mark.slow
@@ -22,10 +23,10 @@ def _config(**overrides):
 
 
 def _setup(config, workdir):
-  """What train_and_evaluate builds before it restores: (data, strategy, fresh state)."""
+  """What train_and_evaluate builds before it restores: (data, fresh unreplicated state)."""
   os.makedirs(workdir)
-  data, strategy, state, _, _ = loop._setup(config, workdir)
-  return data, strategy, state
+  replicas, _, model, tx, keys, _ = loop._setup([config], [workdir])
+  return replicas[0].data, steps.create_train_state(model, keys[0][0], tx)
 
 
 def _latest(workdir, target):
@@ -57,16 +58,14 @@ def first_stage(tmp_path_factory):
 
 def test_second_stage_starts_from_first_stage_parameters(first_stage, tmp_path):
   config = _config(init_from=first_stage)  # spatiotemporal halting on top
-  data, strategy, fresh = _setup(config, str(tmp_path / 'stage2'))
-  started = strategy.get_state(loop._warm_start(config, str(tmp_path / 'stage2'),
-                                                     strategy, fresh))
-  fresh = strategy.get_state(fresh)
+  data, fresh = _setup(config, str(tmp_path / 'stage2'))
+  started = loop._warm_start(config, str(tmp_path / 'stage2'), fresh)
   trained, step = _latest(first_stage, fresh)
   assert step == 2 and not _equal(trained.params, fresh.params)
   assert _equal(started.params, trained.params)
   assert _equal(started.batch_stats, trained.batch_stats)
   assert int(started.step) == 0 and _equal(started.opt_state, fresh.opt_state)
-  other, _, _ = _setup(config, str(tmp_path / 'other'))
+  other, _ = _setup(config, str(tmp_path / 'other'))
   assert data.train_iter.get_state() == other.train_iter.get_state()  # its data from the start
 
 

@@ -63,6 +63,29 @@ def xla_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                       preferred_element_type=F32)
 
 
+@jax.custom_batching.custom_vmap
+def _conv3x3_per_replica(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`xla_conv3x3` whose batching rule runs one convolution per replica.
+
+  Several runs trained side by side (`jax.vmap` over a replica axis, `stas_jax.train.parallel`)
+  batch the kernel too; XLA would turn that into one grouped convolution, which XLA:CPU runs
+  3-4x slower than the replicas' convolutions one by one. Replicas of the input alone fold into
+  the images' axis. Used inside `conv3x3`'s custom VJP, which defines the gradient.
+  """
+  return xla_conv3x3(x, kernel)
+
+
+@_conv3x3_per_replica.def_vmap
+def _conv3x3_vmap(axis_size, in_batched, x, kernel):
+  x_batched, kernel_batched = in_batched
+  if not kernel_batched:
+    x = x if x_batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+    y = _conv3x3_per_replica(x.reshape((-1,) + x.shape[2:]), kernel)
+    return y.reshape((axis_size, -1) + y.shape[1:]), True
+  outs = [_conv3x3_per_replica(x[r] if x_batched else x, kernel[r]) for r in range(axis_size)]
+  return jnp.stack(outs), True
+
+
 def kernel_grad_taps(x: jax.Array, dy: jax.Array) -> jax.Array:
   """Kernel gradient of `conv3x3` as nine per-tap GEMMs: x (M, H, W, C), dy (M, H, W, F) ->
   float32 (3, 3, C, F), tap (i, j) = (x shifted by (i - 1, j - 1))^T dy. Used on CPU."""
@@ -95,20 +118,21 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   1.2-1.7x faster than one GEMM on the unfolded (im2col) input, whose concatenation costs more
   than it saves (`benchmarks/kernels.py`). On GPU and TPU it is that one convolution
   (`kernel_grad_conv`), which cuDNN and the TPU compiler implement natively, without the nine
-  shifted copies of the input.
+  shifted copies of the input. Under `jax.vmap` over replicas each replica's convolution runs
+  on its own (`_conv3x3_per_replica`).
   """
-  return xla_conv3x3(x, kernel)
+  return _conv3x3_per_replica(x, kernel)
 
 
 def _conv3x3_fwd(x, kernel):
-  return xla_conv3x3(x, kernel), (x, kernel)
+  return _conv3x3_per_replica(x, kernel), (x, kernel)
 
 
 def _conv3x3_bwd(res, dy):
   x, kernel = res
   dy = dy.astype(x.dtype)
   flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)     # (3, 3, F, C)
-  dx = xla_conv3x3(dy, flipped).astype(x.dtype)
+  dx = _conv3x3_per_replica(dy, flipped).astype(x.dtype)
   dk = jax.lax.platform_dependent(x, dy, cpu=kernel_grad_taps, default=kernel_grad_conv)
   return dx, dk.astype(kernel.dtype)
 

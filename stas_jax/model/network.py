@@ -1,6 +1,7 @@
 """The STAS network: (I-)SPS patch embedding, encoder scanned over timesteps and blocks with
 token halting, readout and head. `create_model(config.model)` is the entry point.
 """
+import functools
 from typing import Any
 
 import chex
@@ -308,6 +309,12 @@ def create_model(model_config, *, bn_axis_name: str | None = None) -> STAS:
 
 def init_variables(model: STAS, rng: jax.Array, batch_size: int = 1) -> dict[str, Any]:
   """Initial {'params', 'batch_stats'} from a zero batch of the model's image shape."""
+  return dict(_init_fn(model, batch_size)(rng))
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(model: STAS, batch_size: int):
+  """The jitted `model.init` (one compile per model, whatever the number of runs or seeds)."""
   s = model.spec
   images = jnp.zeros((batch_size, s.image_size, s.image_size, s.in_channels), jnp.float32)
-  return dict(jax.jit(lambda r: model.init(r, images, train=False))(rng))
+  return jax.jit(lambda r: model.init(r, images, train=False))

@@ -186,52 +186,97 @@ def training_finished(run_dir: str, total_steps: int) -> bool:
   return any(r.get('kind') == 'eval' and r.get('step') == total_steps for r in records)
 
 
-def run_row(row: Row, config: ml_collections.ConfigDict, run_dir: str,
-            data: pipeline.DataBundle, run_plots: bool) -> dict[str, Any]:
-  """Trains (or resumes) and evaluates one run of a row unless it already finished.
+def _row_info(run_dir: str) -> dict[str, Any]:
+  return _read_json(os.path.join(run_dir, ROW_INFO)) or {}
 
-  Returns:
-    The run's eval report plus 'train_wall_time_s' (of the session that finished training,
-    None if unknown) and 'reused' ('evaluation', 'training' or None).
-  """
-  info_path = os.path.join(run_dir, ROW_INFO)
+
+def _write_row_info(run_dir: str, final: dict[str, Any], joint_runs: int) -> None:
+  with open(os.path.join(run_dir, ROW_INFO), 'w') as f:
+    json.dump({'train_wall_time_s': final['wall_time_s'], 'start_step': final['start_step'],
+               'step': final['step'], 'joint_runs': joint_runs,
+               'failure': final.get('failure')}, f)
+
+
+def _check_not_stale(run_dir: str, config: ml_collections.ConfigDict) -> None:
+  recorded = _read_json(os.path.join(run_dir, 'config.json'))
+  if recorded is not None:
+    diff = run_differences(recorded, run_files.config_json(config))
+    if diff:
+      raise StaleRunError(
+          f'{run_dir} holds a run of another config ({"; ".join(diff[:4])}'
+          f'{"; ..." if len(diff) > 4 else ""}); delete it or choose another --out.')
+
+
+def train_runs(runs: list[tuple[ml_collections.ConfigDict, str]], joint: bool) -> None:
+  """Trains (or resumes) runs of one row: with `joint` side by side in one program
+  (`loop.train_and_evaluate_replicas`, which resumes them from a step all of them saved), else
+  one by one. Each run's ROW_INFO records its training wall time (that of the program it was
+  part of), how many runs that program trained, and a failure (non-finite loss) if it stopped
+  alone."""
+  groups = [runs] if joint else [[run] for run in runs]
+  for group in groups:
+    logging.info('training %s%s', ', '.join(d for _, d in group),
+                 ' side by side in one program' if len(group) > 1 else '')
+    finals = loop.train_and_evaluate_replicas([c for c, _ in group], [d for _, d in group])
+    for (_, run_dir), final in zip(group, finals):
+      _write_row_info(run_dir, final, len(group))
+
+
+def evaluate_run(row: Row, config: ml_collections.ConfigDict, run_dir: str,
+                 data: pipeline.DataBundle, run_plots: bool,
+                 trained_now: bool) -> dict[str, Any] | None:
+  """A trained run's eval report (reused if this code made it for this config), plus
+  'train_wall_time_s', 'joint_runs' and 'reused' ('evaluation', 'training' or None); None for
+  a run that stopped in training (ROW_INFO's 'failure')."""
+  info = _row_info(run_dir)
+  if info.get('failure'):
+    logging.error('%s: %s stopped in training: %s', row.name, run_dir, info['failure'])
+    return None
   report = finished_report(run_dir, config)
   reused = 'evaluation'
   if report is None:
-    recorded = _read_json(os.path.join(run_dir, 'config.json'))
-    if recorded is not None:
-      diff = run_differences(recorded, run_files.config_json(config))
-      if diff:
-        raise StaleRunError(
-            f'{run_dir} holds a run of another config ({"; ".join(diff[:4])}'
-            f'{"; ..." if len(diff) > 4 else ""}); delete it or choose another --out.')
-    total = optim.total_train_steps(config, data.steps_per_epoch)
-    reused = 'training'
-    if not training_finished(run_dir, total):
-      reused = None
-      logging.info('%s: training in %s', row.name, run_dir)
-      final = loop.train_and_evaluate(config, run_dir)
-      with open(info_path, 'w') as f:
-        json.dump({'train_wall_time_s': final['wall_time_s'], 'start_step': final['start_step'],
-                   'step': final['step']}, f)
-    logging.info('%s: evaluating', row.name)
+    reused = None if trained_now else 'training'
+    logging.info('%s: evaluating %s', row.name, run_dir)
     report = evaluate.evaluate_run(run_dir, config, max_batches=-1, with_plots=run_plots,
                                    data=data)
   else:
     logging.info('%s: reusing the finished run in %s', row.name, run_dir)
-  info = _read_json(info_path) or {}
-  return dict(report, train_wall_time_s=info.get('train_wall_time_s'), reused=reused)
+  return dict(report, train_wall_time_s=info.get('train_wall_time_s'),
+              joint_runs=info.get('joint_runs', 1), reused=reused)
 
 
-# Per-run metrics that the table averages over seeds: (column, report key, scale).
+def run_row(row: Row, runs: list[tuple[ml_collections.ConfigDict, str]],
+            data: pipeline.DataBundle, run_plots: bool, joint: bool
+            ) -> list[dict[str, Any] | None]:
+  """Trains what is left of a row's runs (side by side if `joint`) and evaluates each run.
+
+  Returns one report per run (see `evaluate_run`): None for a run that stopped in training.
+  """
+  total = optim.total_train_steps(runs[0][0], data.steps_per_epoch)
+  to_train = []
+  for config, run_dir in runs:
+    if finished_report(run_dir, config) is not None:
+      continue
+    _check_not_stale(run_dir, config)
+    if not training_finished(run_dir, total):
+      to_train.append((config, run_dir))
+  if to_train:
+    train_runs(to_train, joint)
+  trained = {d for _, d in to_train}
+  return [evaluate_run(row, config, run_dir, data, run_plots, run_dir in trained)
+          for config, run_dir in runs]
+
+
 def run_study(base: ml_collections.ConfigDict, out: str,
-              study: ml_collections.ConfigDict | None = None) -> list[dict[str, Any]]:
+              study: ml_collections.ConfigDict | None = None,
+              joint: bool = True) -> list[dict[str, Any]]:
   """Runs (or reuses) every row of the study, then writes the table and figures.
 
   Args:
     base: the base experiment config; rows override model.patch_embed / halt.mode / timesteps.
     out: the study directory.
     study: see `default_study`.
+    joint: train the seeds of a row side by side in one program (`train_runs`).
 
   Returns:
     The table lines (as in ablation.csv).
@@ -243,17 +288,22 @@ def run_study(base: ml_collections.ConfigDict, out: str,
   data = pipeline.create_datasets(base, process_index=0, process_count=1)
   steps = optim.total_train_steps(base, data.steps_per_epoch)
   reports: dict[str, list[dict[str, Any]]] = {}
-  by_dir: dict[str, dict[str, Any]] = {}
+  failed: list[str] = []
+  by_dir: dict[str, dict[str, Any] | None] = {}
   for i, row in enumerate(rows):
-    reports[row.name] = []
-    for seed, run_dir in run_dirs(row, study.seeds):
-      logging.info('[%d/%d] %s%s', i + 1, len(rows), row.name,
-                   '' if seed is None else f' seed {seed}')
-      if run_dir not in by_dir:
-        by_dir[run_dir] = run_row(row, row_config(base, row, seed), os.path.join(out, run_dir),
-                                  data, study.run_plots)
-      reports[row.name].append(by_dir[run_dir])
-  lines = study_report.write_outputs(out, rows, reports, base, study, steps)
+    runs = [(row_config(base, row, seed), os.path.join(out, run_dir))
+            for seed, run_dir in run_dirs(row, study.seeds)]
+    todo = [(c, d) for c, d in runs if d not in by_dir]
+    logging.info('[%d/%d] %s: %d run(s)', i + 1, len(rows), row.name, len(runs))
+    if todo:
+      by_dir.update(zip((d for _, d in todo),
+                        run_row(row, todo, data, study.run_plots, joint)))
+    reports[row.name] = [by_dir[d] for _, d in runs if by_dir[d] is not None]
+    failed += [f'{row.name} seed {c.seed}' for c, d in runs if by_dir[d] is None]
+    if not reports[row.name]:
+      raise loop.NonFiniteLossError(f'every run of row {row.name} stopped in training: '
+                                    f'{", ".join(d for _, d in runs)} (see their logs)')
+  lines = study_report.write_outputs(out, rows, reports, base, study, steps, failed=failed)
   logging.info('Study of %d rows (%d runs) done in %.1f min; see %s', len(rows), len(by_dir),
                (time.monotonic() - start) / 60, os.path.join(out, study_report.MD))
   return lines
@@ -271,6 +321,9 @@ def define_flags():
                     "(default: the study config's, i.e. all).")
   flags.DEFINE_list('t_sweep', None, 'Timesteps of the sweep, e.g. 1,2,4,6; empty: no sweep '
                     "(default: the study config's).")
+  flags.DEFINE_bool('joint', True, 'Train the seeds of a row side by side in one compiled '
+                    'program (the train state stacked on a replica axis); --nojoint trains '
+                    'them one after the other.')
   flags.DEFINE_list('seeds', None, 'Seeds of every row, e.g. 0,1,2: runs in OUT/<row>/seed<k> '
                     "and mean +- std in the table (default: the study config's; none: the base "
                     "config's seed, in OUT/<row>).")
@@ -290,7 +343,7 @@ def main(argv):
   if f.seeds is not None:
     study.seeds = tuple(int(k) for k in f.seeds)
   try:
-    run_study(f.config, f.out, study)
+    run_study(f.config, f.out, study, joint=f.joint)
   except preemption.TrainingInterrupted as e:
     logging.warning('%s (rerun the same ablate command: finished rows are reused)', e)
     sys.exit(128 + e.signum)

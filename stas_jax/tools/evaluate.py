@@ -59,6 +59,21 @@ def _batch_sums(variables, batch, *, model, ctx):
   return sums, aux['active'], jnp.argmax(logits, -1)
 
 
+# Jitted `_batch_sums` per model and input normalisation: the runs of a study that differ only in
+# their seed share one compiled program.
+_BATCH_SUMS: dict[Any, Any] = {}
+
+
+def _batch_sums_fn(model, ctx: steps.StepContext):
+  config = run_files.config_json(ctx.config)
+  del config['seed']
+  key = (model.spec, json.dumps(config, sort_keys=True), np.asarray(ctx.mean).tobytes(),
+         np.asarray(ctx.std).tobytes(), ctx.num_classes)
+  if key not in _BATCH_SUMS:
+    _BATCH_SUMS[key] = jax.jit(functools.partial(_batch_sums, model=model, ctx=ctx))
+  return _BATCH_SUMS[key]
+
+
 REPORT_ONLY = ('cell_active', 'similarity_active', 'similarity_active_weight',
                'similarity_all', 'similarity_all_weight')
 
@@ -134,7 +149,7 @@ def evaluate_run(workdir: str, config: ml_collections.ConfigDict | None = None, 
   model, variables, step = evaluation.restore(config, workdir)
   ctx = steps.StepContext(config=config, mean=data.mean, std=data.std,
                           num_classes=data.num_classes)
-  run_batch = jax.jit(functools.partial(_batch_sums, model=model, ctx=ctx))
+  run_batch = _batch_sums_fn(model, ctx)
   totals, batches, first = None, [], None
   for batch in evaluation.eval_batches(data.make_eval_iter(), max_batches):
     sums, active, preds = run_batch(variables, batch)

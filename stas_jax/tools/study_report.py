@@ -37,6 +37,7 @@ def _run_lines(rows: Sequence[Any], reports: dict[str, list[dict[str, Any]]]
       line.update({col: scale * r[key] for col, key, scale in _MEASURES})
       line.update({f'energy_{k}_mj': r['energy_split_mj'][k] for k in energy.SPLIT})
       line['train_wall_time_s'] = r.get('train_wall_time_s')
+      line['joint_runs'] = r.get('joint_runs', 1)
       line['run_dir'] = r['workdir']
       out.append(line)
   return out
@@ -130,9 +131,10 @@ def _write_csv(path: str, lines: list[dict[str, Any]]) -> None:
 
 def write_outputs(out: str, rows: Sequence[Any], reports: dict[str, list[dict[str, Any]]],
                   base: ml_collections.ConfigDict, study: ml_collections.ConfigDict,
-                  steps: int) -> list[dict[str, Any]]:
+                  steps: int, failed: Sequence[str] = ()) -> list[dict[str, Any]]:
   """ablation.csv, ablation_runs.csv, ablation.md and the two study figures; returns the table
-  lines (one per row, means and stds over its seeds)."""
+  lines (one per row, means and stds over its seeds). `failed` names runs that stopped in
+  training (a non-finite loss); the tables leave them out and ablation.md lists them."""
   baseline = reports.get(study.baseline)
   if baseline is None:
     logging.warning('baseline row %s not in this study: no saving / change columns',
@@ -142,6 +144,9 @@ def write_outputs(out: str, rows: Sequence[Any], reports: dict[str, list[dict[st
   _write_csv(os.path.join(out, RUNS_CSV), _run_lines(rows, reports))
   with open(os.path.join(out, MD), 'w') as f:
     f.write(format_markdown(lines, base, study, steps))
+    if failed:
+      f.write('\n**Runs that stopped in training** (non-finite loss; left out of the tables): '
+              + ', '.join(failed) + '.\n')
   # One point per run directory: a sweep row that is a grid row's run only adds 'T=..'.
   points, errors = {}, {}
   for l in lines:

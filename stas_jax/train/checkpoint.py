@@ -148,8 +148,10 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
-    # Newer steps that restore_latest had to skip; set aside on the next save.
+    # Newer steps that restore_latest skipped, and why ('unreadable' or 'superseded'); set
+    # aside on the next save.
     self._unreadable: list[int] = []
+    self._set_aside_as = 'unreadable'
 
   def __enter__(self) -> 'Checkpointer':
     return self
@@ -260,8 +262,8 @@ class Checkpointer:
     self._check_process_count(step, len(states))
     data_iterator.set_state(states[jax.process_index()].encode())
 
-  def restore_latest(self, target_state: Any, *, data_iterator: Any = None
-                     ) -> tuple[Any, dict[str, Any], int] | None:
+  def restore_latest(self, target_state: Any, *, data_iterator: Any = None,
+                     max_step: int | None = None) -> tuple[Any, dict[str, Any], int] | None:
     """Restores the newest step that can be read, falling back to older ones.
 
     Each unreadable step gets one warning and stays on disk; the next `save` renames it to
@@ -272,9 +274,13 @@ class Checkpointer:
     Args:
       target_state: pytree like the saved state: concrete arrays or ShapeDtypeStructs.
       data_iterator: as in `restore`; left at the restored step's position.
+      max_step: restore no step after this one (runs trained together resume from a step
+        that all of them saved); the steps after it are set aside as
+        `<step>.superseded-<time>` at the next save.
 
     Returns:
-      `(state, meta, step)`, or None when the directory holds no checkpoint.
+      `(state, meta, step)`, or None when the directory holds no checkpoint (none at or
+      before `max_step`).
 
     Raises:
       ProcessCountError: the newest readable step is for another number of processes.
@@ -282,6 +288,11 @@ class Checkpointer:
     """
     self.wait_until_finished()
     steps = self.all_steps()
+    self._set_aside_as = 'unreadable'
+    if max_step is not None and any(s > max_step for s in steps):
+      self._unreadable = [s for s in steps if s > max_step]
+      self._set_aside_as = 'superseded'
+      steps = [s for s in steps if s <= max_step]
     if not steps:
       return None
     failures = []
@@ -300,7 +311,9 @@ class Checkpointer:
         if failures:
           logging.info('Restored step %d after skipping %d newer unreadable checkpoint(s).',
                        step, len(failures))
-        self._unreadable = [s for s in steps if s > step]
+        if failures:
+          self._set_aside_as = 'unreadable'
+        self._unreadable = [s for s in self.all_steps() if s > step]
         return state, meta, step
       logging.warning('Skipping unreadable checkpoint (will try an older step): %s', error)
       failures.append(error)
@@ -332,10 +345,10 @@ class Checkpointer:
       for step in self._unreadable:
         source = self.step_dir(step)
         if os.path.isdir(source):
-          dest = f'{source}.unreadable-{stamp}'
+          dest = f'{source}.{self._set_aside_as}-{stamp}'
           os.rename(source, dest)
-          logging.info('Renamed unreadable checkpoint %s to %s; delete it when no '
-                       'longer needed.', source, dest)
+          logging.info('Renamed %s checkpoint %s to %s; delete it when no longer needed.',
+                       self._set_aside_as, source, dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices('checkpoint: unreadable steps renamed')

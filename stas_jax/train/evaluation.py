@@ -102,13 +102,20 @@ def means(totals: dict[str, Any] | None) -> dict[str, float]:
   return out
 
 
+def totals(sums_fn, batches: Iterable[dict[str, np.ndarray]], max_batches: int = -1) -> Any:
+  """`sums_fn(batch)` added over the first `max_batches` batches (all if < 0), on device."""
+  total = None
+  for batch in eval_batches(batches, max_batches):
+    total = add(total, sums_fn(batch))
+  if total is None:
+    raise ValueError('no evaluation batch (max_batches=0?)')
+  return total
+
+
 def run(sums_fn, batches: Iterable[dict[str, np.ndarray]], max_batches: int = -1
         ) -> dict[str, float]:
   """Means over the eval split of `sums_fn(batch)` (each example counted once via the mask)."""
-  totals = None
-  for batch in eval_batches(batches, max_batches):
-    totals = add(totals, sums_fn(batch))
-  return means(totals)
+  return means(totals(sums_fn, batches, max_batches))
 
 
 def grouped(metrics: dict[str, float]) -> dict[str, Any]:

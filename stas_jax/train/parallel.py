@@ -1,6 +1,11 @@
 """Data-parallel layouts of the train and eval steps: `jax.pmap` (the default) or `jax.jit` over
 a 1-D mesh. The two differ only in how they place the state and the batch and in where the
 gradient / metric reduction happens; the steps, the eval sums and the loop are shared.
+
+With `replicas=R`, both train R runs of one model side by side: the state and each train
+batch carry a leading replica axis, and the steps are `jax.vmap`-ped over it (inside the
+pmap, or inside the jit), so every run keeps its own parameters, optimiser state, BatchNorm
+statistics and augmentation key, while the test batches are shared.
 """
 import functools
 from typing import Any
@@ -31,6 +36,18 @@ def _replicated_array(x: Any, sharding: jax.sharding.NamedSharding) -> jax.Array
       value.shape, sharding, [jax.device_put(value, d) for d in local])
 
 
+def _train_fn(ctx: steps.StepContext, axis_name: str | None, replicas: int | None):
+  """The train step, vmapped over the replica axis of state, batch and key if `replicas`."""
+  fn = functools.partial(steps.train_step, ctx=ctx, axis_name=axis_name)
+  return jax.vmap(fn, in_axes=(0, 0, 0, None)) if replicas else fn
+
+
+def _eval_fn(ctx: steps.StepContext, replicas: int | None):
+  """The eval sums of one batch, vmapped over the replica axis of the state if `replicas`."""
+  fn = functools.partial(evaluation.eval_step, ctx=ctx)
+  return jax.vmap(fn, in_axes=(0, None)) if replicas else fn
+
+
 def _check_divisible(config: ml_collections.ConfigDict, devices: int):
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] % devices:
@@ -45,18 +62,23 @@ class _Strategy:
   num: int          # devices of this process
   num_global: int   # devices of every process
 
+  replicas: int | None  # runs side by side (leading axis of state and train batch), or None
+
   def train_step(self, state: steps.TrainState, batch: dict[str, np.ndarray],
                  base_key: jax.Array, epoch: np.ndarray):
-    """One update: (new state, metrics averaged over devices, still on device)."""
-    return self._train(state, self.put_batch(batch), base_key, epoch)
+    """One update: (new state, metrics averaged over devices, still on device). With
+    replicas, `batch` and `base_key` carry the leading replica axis, and so do the metrics."""
+    return self._train(state, self.put_batch(batch, self.replicas is not None), base_key, epoch)
 
   def eval_sums(self, state: steps.TrainState, batch: dict[str, np.ndarray]):
-    """`evaluation.masked_sums` of one global batch, added over devices, on one device."""
-    return jax.tree.map(self._local, self._eval(state, self.put_batch(batch)))
+    """`evaluation.masked_sums` of one global batch (the same for every replica), added over
+    devices, on one device; with replicas each sum has a leading replica axis."""
+    return jax.tree.map(self._local, self._eval(state, self.put_batch(batch, False)))
 
-  def host_metrics(self, metrics) -> dict[str, float]:
-    """Train-step metrics as Python floats."""
-    return {k: float(v) for k, v in jax.device_get(jax.tree.map(self._local, metrics)).items()}
+  def host_metrics(self, metrics) -> dict[str, np.ndarray]:
+    """Train-step metrics as numpy values: scalars, or (R,) with replicas."""
+    return {k: np.asarray(v) for k, v in jax.device_get(jax.tree.map(self._local,
+                                                                      metrics)).items()}
 
 
 class PmapStrategy(_Strategy):
@@ -75,23 +97,25 @@ class PmapStrategy(_Strategy):
   orbax saves and restores across processes.
   """
 
-  def __init__(self, ctx: steps.StepContext, devices: list[Any] | None = None):
+  def __init__(self, ctx: steps.StepContext, devices: list[Any] | None = None,
+               replicas: int | None = None):
     # pmap needs the same list of every process's devices on each process.
+    self.replicas = replicas
     self.global_devices = list(devices or jax.devices())
     self.devices = [d for d in self.global_devices if d.process_index == jax.process_index()]
     self.num, self.num_global = len(self.devices), len(self.global_devices)
     self.replicated = jax.sharding.NamedSharding(
         jax.sharding.Mesh(np.asarray(self.global_devices), (AXIS,)), jax.sharding.PartitionSpec())
     self.cross_replica = bool(ctx.config.model.bn_cross_replica)
-    self._train = jax.pmap(functools.partial(steps.train_step, ctx=ctx, axis_name=AXIS),
-                           axis_name=AXIS, in_axes=(0, 0, None, None), donate_argnums=(0,),
+    self._train = jax.pmap(_train_fn(ctx, AXIS, replicas), axis_name=AXIS,
+                           in_axes=(0, 0, None, None), donate_argnums=(0,),
                            devices=self.global_devices)
     # Devices are added inside the pmap: reducing its sharded output afterwards would run one
     # more multi-device program per metric, and on CPU such programs, queued behind the pmap,
     # can deadlock in XLA's collective rendezvous.
-    self._eval = jax.pmap(
-        lambda state, batch: lax.psum(evaluation.eval_step(state, batch, ctx=ctx), AXIS),
-        axis_name=AXIS, devices=self.global_devices)
+    eval_fn = _eval_fn(ctx, replicas)
+    self._eval = jax.pmap(lambda state, batch: lax.psum(eval_fn(state, batch), AXIS),
+                          axis_name=AXIS, devices=self.global_devices)
     self._pmean = jax.pmap(lambda t: lax.pmean(t, AXIS), axis_name=AXIS,
                            devices=self.global_devices)
 
@@ -118,11 +142,17 @@ class PmapStrategy(_Strategy):
           x.shape[1:], self.replicated, [s.data[0] for s in x.addressable_shards])
     return jax.tree.map(unreplicate, state)
 
-  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  def put_batch(self, batch: dict[str, np.ndarray],
+                stacked: bool = False) -> dict[str, np.ndarray]:
+    """Splits the batch axis (axis 1 of a `stacked` (R, B, ...) batch) over the local devices,
+    which become the leading axis."""
     def split(x):
-      if x.shape[0] % self.num:
-        raise ValueError(f'a batch of {x.shape[0]} does not split over {self.num} devices')
-      return x.reshape((self.num, x.shape[0] // self.num) + x.shape[1:])
+      axis = int(stacked)
+      if x.shape[axis] % self.num:
+        raise ValueError(f'a batch of {x.shape[axis]} does not split over {self.num} devices')
+      parts = x.reshape(x.shape[:axis] + (self.num, x.shape[axis] // self.num)
+                        + x.shape[axis + 1:])
+      return np.moveaxis(parts, axis, 0)
     return jax.tree.map(split, batch)
 
   def sync_batch_stats(self, state: steps.TrainState) -> steps.TrainState:
@@ -137,17 +167,22 @@ class JitStrategy(_Strategy):
   BatchNorm statistics are those of the global batch (as with bn_cross_replica under pmap).
   """
 
-  def __init__(self, ctx: steps.StepContext, devices: list[Any] | None = None):
+  def __init__(self, ctx: steps.StepContext, devices: list[Any] | None = None,
+               replicas: int | None = None):
+    self.replicas = replicas
     devices = list(devices or jax.devices())
     self.num = self.num_global = len(devices)
     mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
     self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self.sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+    # A stacked (R, B, ...) train batch is split along B.
+    self.sharded_stacked = jax.sharding.NamedSharding(mesh,
+                                                      jax.sharding.PartitionSpec(None, AXIS))
     r, s = self.replicated, self.sharded
-    self._train = jax.jit(functools.partial(steps.train_step, ctx=ctx, axis_name=None),
-                          in_shardings=(r, s, r, r), out_shardings=(r, r), donate_argnums=(0,))
-    self._eval = jax.jit(functools.partial(evaluation.eval_step, ctx=ctx), in_shardings=(r, s),
-                         out_shardings=r)
+    train_batch = self.sharded_stacked if replicas else s
+    self._train = jax.jit(_train_fn(ctx, None, replicas), in_shardings=(r, train_batch, r, r),
+                          out_shardings=(r, r), donate_argnums=(0,))
+    self._eval = jax.jit(_eval_fn(ctx, replicas), in_shardings=(r, s), out_shardings=r)
 
   @staticmethod
   def _local(x):
@@ -160,21 +195,30 @@ class JitStrategy(_Strategy):
   def get_state(self, state: steps.TrainState) -> steps.TrainState:
     return state
 
-  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  def put_batch(self, batch: dict[str, np.ndarray],
+                stacked: bool = False) -> dict[str, jax.Array]:
     # Each process holds its own shard of the global batch.
+    sharding = self.sharded_stacked if stacked else self.sharded
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(self.sharded, np.asarray(x)), batch)
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
   def sync_batch_stats(self, state: steps.TrainState) -> steps.TrainState:
     return state
 
 
-def create_strategy(ctx: steps.StepContext, devices: list[Any] | None = None) -> _Strategy:
-  """The `config.parallel` strategy; checks that the batch sizes split over the devices."""
+def create_strategy(ctx: steps.StepContext, devices: list[Any] | None = None,
+                    replicas: int | None = None) -> _Strategy:
+  """The `config.parallel` strategy; checks that the batch sizes split over the devices.
+
+  Args:
+    ctx: the steps' context.
+    devices: the devices to use (default: all).
+    replicas: train this many runs side by side (see the module docstring); None: one.
+  """
   mode = ctx.config.parallel
   if mode not in PARALLEL_MODES:
     raise ValueError(f'config.parallel={mode!r}; choose one of {PARALLEL_MODES}')
-  strategy = (PmapStrategy if mode == 'pmap' else JitStrategy)(ctx, devices)
+  strategy = (PmapStrategy if mode == 'pmap' else JitStrategy)(ctx, devices, replicas)
   _check_divisible(ctx.config, strategy.num_global)
   return strategy
 

@@ -62,23 +62,16 @@ class StepContext:
     return network.spec_from_config(self.config.model)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Array,
-               epoch: jax.Array, *, ctx: StepContext, axis_name: str | None = None):
-  """One optimiser update on a (per-device) batch.
+def gradients(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Array,
+              epoch: jax.Array, *, ctx: StepContext, axis_name: str | None = None):
+  """The loss gradient of one (per-device) batch, before any averaging over devices.
 
-  Args:
-    state: train state (one replica's, under pmap).
-    batch: {'image': (B, H, W, C) pixels, 'label': (B,) int}.
-    base_key: the run's augmentation key; this step uses fold_in(base_key, state.step) (and the
-      device index under pmap), so the run is reproducible and resumable.
-    epoch: completed epochs, traced (switches mixup off without recompiling).
-    ctx: static context.
-    axis_name: the pmap axis to average gradients and metrics over; None under jit, where
-      the sharded arrays are global and XLA inserts the collectives.
+  Arguments as `train_step`.
 
   Returns:
-    (new state, metrics): loss terms, accuracy, token ratio, grad norm, learning rate (and
-    the soft halting-mask temperature when annealed).
+    (grads, aux): aux holds the loss 'terms', the 'logits', the token mask 'active', the
+    updated 'batch_stats' and the traced 'halt_temperature' / 'energy_weight' where the
+    schedules set them.
   """
   key = jax.random.fold_in(base_key, state.step)
   if axis_name is not None:
@@ -105,18 +98,43 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
     return loss, (terms, logits, aux['active'], mutated['batch_stats'])
 
   grads, (terms, logits, active, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  aux = {'terms': terms, 'logits': logits, 'active': active, 'batch_stats': batch_stats}
+  aux.update(halt_kwargs)
+  if ctx.energy_weight is not None:
+    aux['energy_weight'] = energy_weight
+  return grads, aux
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Array,
+               epoch: jax.Array, *, ctx: StepContext, axis_name: str | None = None):
+  """One optimiser update on a (per-device) batch.
+
+  Args:
+    state: train state (one replica's, under pmap).
+    batch: {'image': (B, H, W, C) pixels, 'label': (B,) int}.
+    base_key: the run's augmentation key; this step uses fold_in(base_key, state.step) (and the
+      device index under pmap), so the run is reproducible and resumable.
+    epoch: completed epochs, traced (switches mixup off without recompiling).
+    ctx: static context.
+    axis_name: the pmap axis to average gradients and metrics over; None under jit, where
+      the sharded arrays are global and XLA inserts the collectives.
+
+  Returns:
+    (new state, metrics): loss terms, accuracy, token ratio, grad norm, learning rate (and
+    the soft halting-mask temperature when annealed).
+  """
+  grads, aux = gradients(state, batch, base_key, epoch, ctx=ctx, axis_name=axis_name)
   if axis_name is not None:
     grads = lax.pmean(grads, axis_name)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  metrics = dict(terms)
-  metrics['accuracy'] = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
-  metrics['token_ratio'] = jnp.mean(active)
+  new_state = state.apply_gradients(grads=grads, batch_stats=aux['batch_stats'])
+  metrics = dict(aux['terms'])
+  metrics['accuracy'] = jnp.mean(jnp.argmax(aux['logits'], -1) == batch['label'])
+  metrics['token_ratio'] = jnp.mean(aux['active'])
   metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['learning_rate'] = ctx.schedule(state.step)
-  if halt_kwargs:
-    metrics['halt_temperature'] = halt_kwargs['halt_temperature']
-  if ctx.energy_weight is not None:
-    metrics['energy_weight'] = energy_weight
+  for key in ('halt_temperature', 'energy_weight'):
+    if key in aux:
+      metrics[key] = aux[key]
   if axis_name is not None:
     metrics = lax.pmean(metrics, axis_name)
   return new_state, metrics
