@@ -15,7 +15,10 @@ def get_model_config() -> ml_collections.ConfigDict:
   """The `model` group: backbone sizes, neurons, I-SPS and halting (spec sections 2-5).
 
   Its keys and defaults are the fields of `stas_jax.model.spec.ModelSpec` (documented there),
-  with the `neuron`, `isps` and `halt` sub-specs as nested groups.
+  with the `neuron`, `isps` and `halt` sub-specs as nested groups. Among them the token-ratio
+  controller: `halt.target_token_ratio` (0 = off; in (0, 1]: the training token ratio it holds
+  by moving an offset on the halting score's beta, docs/method.md section 6.1) and
+  `halt.ratio_gain` (the offset's step per unit of ratio error).
   """
   return ml_collections.ConfigDict(dataclasses.asdict(model_spec.ModelSpec()))
 
@@ -67,6 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
   # parameters and BatchNorm statistics (e.g. an I-SPS run without halting, then STAS on top);
   # the optimiser state and the step start afresh. '' = a fresh initialisation.
   config.init_from = ''
+  # Exponential moving average of the parameters and BatchNorm statistics, updated after every
+  # optimiser step with the decay min(ema_decay, (1 + t) / (10 + t)) at step t; evaluation
+  # during training then reports both weights (eval/ and eval_ema/), and the tools take
+  # --weights=ema. 0 = off (e.g. 0.999 to turn it on).
+  config.ema_decay = 0.0
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 5e-4

@@ -15,6 +15,11 @@ from stas_jax.model import qkformer
 from stas_jax.model import sdt
 from stas_jax.model.spec import ModelSpec, spec_from_config
 
+# The variable collection of the token-ratio controller's state (its 'offset'), present only
+# with `model.halt.target_token_ratio` > 0: an input of the forward pass that the training step,
+# not the optimiser, updates.
+HALT_CONTROL = 'halt_control'
+
 
 def block_module(spec: ModelSpec) -> type[nn.Module]:
   """The encoder block of the backbone: Spikformer's SSA block (also QKFormer's stage 3) or
@@ -128,7 +133,8 @@ class STAS(nn.Module):
   halting; the backbone itself with sps + mode none.
 
   `__call__(images, train=False, capture=False)` takes NHWC float32 images and returns
-  `(logits, aux)`. aux keys:
+  `(logits, aux)`. Variables: 'params', 'batch_stats' and, with the token-ratio controller,
+  `HALT_CONTROL` {'offset': ()} (see `halting_params`). aux keys:
     active (T, L, B, N): mask in effect when block l ran at timestep t.
     cell_weight (T, L, B, N): ACT weight each cell's output got in the readout.
     ponder (B, N): ponder cost rho (`stas_jax.train.losses` turns it and cell_weight into the
@@ -169,12 +175,25 @@ class STAS(nn.Module):
     if s.halt.learnable:
       self.halt_gamma = self.param('halt_gamma', nn.initializers.constant(s.halt.gamma), ())
       self.halt_beta = self.param('halt_beta', nn.initializers.constant(s.halt.beta), ())
+    if s.halt.controlled:
+      # The token-ratio controller's offset: an input (collection 'halt_control'), never a
+      # parameter; the training step updates it (stas_jax.train.steps.control_offset).
+      self.halt_offset = self.variable(HALT_CONTROL, 'offset', jnp.zeros, (), jnp.float32)
 
   def halting_params(self) -> tuple[jax.Array, jax.Array]:
-    """(gamma, beta) of the halting score: parameters if learnable, else config constants."""
+    """(gamma, beta) of the halting score: parameters if learnable, else config constants.
+
+    With the token-ratio controller (`model.halt.target_token_ratio`) beta is shifted by its
+    offset, without a gradient: h = sigmoid(gamma * z + beta + offset), so a positive offset
+    raises every halting score and tokens halt earlier (a lower token ratio).
+    """
     if self.spec.halt.learnable:
-      return self.halt_gamma, self.halt_beta
-    return jnp.float32(self.spec.halt.gamma), jnp.float32(self.spec.halt.beta)
+      gamma, beta = self.halt_gamma, self.halt_beta
+    else:
+      gamma, beta = jnp.float32(self.spec.halt.gamma), jnp.float32(self.spec.halt.beta)
+    if self.spec.halt.controlled:
+      beta = beta + jax.lax.stop_gradient(self.halt_offset.value)
+    return gamma, beta
 
   def embed(self, images: jax.Array, train: bool,
             capture: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -308,7 +327,8 @@ def create_model(model_config, *, bn_axis_name: str | None = None) -> STAS:
 
 
 def init_variables(model: STAS, rng: jax.Array, batch_size: int = 1) -> dict[str, Any]:
-  """Initial {'params', 'batch_stats'} from a zero batch of the model's image shape."""
+  """Initial {'params', 'batch_stats'} from a zero batch of the model's image shape, and
+  {HALT_CONTROL: {'offset': 0.0}} with the token-ratio controller."""
   return dict(_init_fn(model, batch_size)(rng))
 
 

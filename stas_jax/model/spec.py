@@ -93,6 +93,16 @@ class HaltSpec:
   target_sigma: float = 1.0
   alpha_p: float = 5e-4           # ponder loss weight
   alpha_d: float = 0.1            # distribution-prior loss weight
+  # Token-ratio budget controller (docs/method.md section 6.1): hold the training token ratio
+  # at this target in (0, 1] by dual ascent on an offset added to beta (stop-gradient, kept in
+  # the train state's `halt_control`); 0 = off.
+  target_token_ratio: float = 0.0
+  ratio_gain: float = 0.5         # offset += ratio_gain * (batch token ratio - target) per step
+
+  @property
+  def controlled(self) -> bool:
+    """Whether the token-ratio controller runs (a target is set and halting is on)."""
+    return self.target_token_ratio > 0
 
   @property
   def prior_reads_scores(self) -> bool:
@@ -313,6 +323,21 @@ def _validate(s: ModelSpec):
     raise ValueError(f'model.halt.channel={s.halt.channel} is outside [0, dim={s.dim})')
   if not 0 < s.halt.eps < 1:
     raise ValueError(f'model.halt.eps={s.halt.eps} must lie in (0, 1)')
+  _validate_controller(s.halt)
+
+
+def _validate_controller(hp: HaltSpec):
+  """The token-ratio controller's keys (`HaltSpec.target_token_ratio`, `ratio_gain`)."""
+  target = hp.target_token_ratio
+  if not 0 <= target <= 1:
+    raise ValueError(f'model.halt.target_token_ratio={target!r} must lie in (0, 1] (the share '
+                     'of (token, cell) slots processed), or be 0 to turn the controller off')
+  if target > 0 and hp.mode == 'none':
+    raise ValueError(f'model.halt.target_token_ratio={target!r} needs halting: set '
+                     "model.halt.mode (e.g. 'spatiotemporal'), or the target to 0")
+  if not hp.ratio_gain > 0:
+    raise ValueError(f'model.halt.ratio_gain={hp.ratio_gain!r} must be > 0 (the step of the '
+                     'offset per unit of token-ratio error)')
 
 
 def _validate_backbone(s: ModelSpec):

@@ -2,7 +2,8 @@
 of the full model, every row trained and evaluated with the same seeds and budget.
 
   python -m stas_jax.tools.ablate --config=configs/demo.py --out=runs/study --seeds=0,1,2 \
-      [--study_config=FILE] [--rows=sps-none,isps-spatiotemporal] [--t_sweep=1,2]
+      [--study_config=FILE] [--rows=sps-none,isps-spatiotemporal] [--t_sweep=1,2] \
+      [--weights=raw|ema]
 
 Each row is a few config overrides of the one base config, trained with
 `loop.train_and_evaluate` and evaluated with `stas_jax.tools.evaluate`: in OUT/<row> for the
@@ -10,7 +11,8 @@ base config's seed alone, in OUT/<row>/seed<k> for each of --seeds. Rerunning re
 that finished (their eval.json matches the run's config at the last step) and resumes a
 half-trained one from its checkpoint. Writes OUT/ablation.csv (a line per row: the mean and
 the sample std over seeds), OUT/ablation_runs.csv (a line per run), OUT/ablation.md,
-OUT/accuracy_energy.png and OUT/temporal_similarity.png.
+OUT/accuracy_energy.png and OUT/temporal_similarity.png. --weights=ema evaluates the weight
+EMA of each run (a base config with config.ema_decay > 0; reports in eval_ema.json).
 """
 import dataclasses
 import json
@@ -28,6 +30,7 @@ from ml_collections import config_flags
 
 from stas_jax.tools import evaluate
 from stas_jax.data import pipeline
+from stas_jax.train import evaluation
 from stas_jax.train import optim
 from stas_jax.train import preemption
 from stas_jax.train import run_files
@@ -163,10 +166,12 @@ def same_config(recorded: Any, current: Any) -> bool:
   return not run_differences(recorded, current)
 
 
-def finished_report(run_dir: str, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
-  """The run's eval.json if this code (`run_files.code_version`) evaluated this config
-  (`same_config`) at its last step; else the run is evaluated again (never retrained)."""
-  report = _read_json(os.path.join(run_dir, evaluate.EVAL_JSON))
+def finished_report(run_dir: str, config: ml_collections.ConfigDict,
+                    weights: str = 'raw') -> dict[str, Any] | None:
+  """The run's eval.json (eval_ema.json for the EMA `weights`) if this code
+  (`run_files.code_version`) evaluated this config (`same_config`) at its last step; else the
+  run is evaluated again (never retrained)."""
+  report = _read_json(os.path.join(run_dir, evaluate.REPORT_FILES[weights][0]))
   if (report is not None and same_config(report.get('config'), run_files.config_json(config))
       and report.get('code_version') == run_files.code_version()
       and report['step'] >= report['total_steps']):
@@ -224,7 +229,7 @@ def train_runs(runs: list[tuple[ml_collections.ConfigDict, str]], joint: bool) -
 
 def evaluate_run(row: Row, config: ml_collections.ConfigDict, run_dir: str,
                  data: pipeline.DataBundle, run_plots: bool,
-                 trained_now: bool) -> dict[str, Any] | None:
+                 trained_now: bool, weights: str = 'raw') -> dict[str, Any] | None:
   """A trained run's eval report (reused if this code made it for this config), plus
   'train_wall_time_s', 'joint_runs' and 'reused' ('evaluation', 'training' or None); None for
   a run that stopped in training (ROW_INFO's 'failure')."""
@@ -232,13 +237,13 @@ def evaluate_run(row: Row, config: ml_collections.ConfigDict, run_dir: str,
   if info.get('failure'):
     logging.error('%s: %s stopped in training: %s', row.name, run_dir, info['failure'])
     return None
-  report = finished_report(run_dir, config)
+  report = finished_report(run_dir, config, weights)
   reused = 'evaluation'
   if report is None:
     reused = None if trained_now else 'training'
     logging.info('%s: evaluating %s', row.name, run_dir)
     report = evaluate.evaluate_run(run_dir, config, max_batches=-1, with_plots=run_plots,
-                                   data=data)
+                                   data=data, weights=weights)
   else:
     logging.info('%s: reusing the finished run in %s', row.name, run_dir)
   return dict(report, train_wall_time_s=info.get('train_wall_time_s'),
@@ -246,7 +251,7 @@ def evaluate_run(row: Row, config: ml_collections.ConfigDict, run_dir: str,
 
 
 def run_row(row: Row, runs: list[tuple[ml_collections.ConfigDict, str]],
-            data: pipeline.DataBundle, run_plots: bool, joint: bool
+            data: pipeline.DataBundle, run_plots: bool, joint: bool, weights: str = 'raw'
             ) -> list[dict[str, Any] | None]:
   """Trains what is left of a row's runs (side by side if `joint`) and evaluates each run.
 
@@ -255,7 +260,7 @@ def run_row(row: Row, runs: list[tuple[ml_collections.ConfigDict, str]],
   total = optim.total_train_steps(runs[0][0], data.steps_per_epoch)
   to_train = []
   for config, run_dir in runs:
-    if finished_report(run_dir, config) is not None:
+    if finished_report(run_dir, config, weights) is not None:
       continue
     _check_not_stale(run_dir, config)
     if not training_finished(run_dir, total):
@@ -263,13 +268,13 @@ def run_row(row: Row, runs: list[tuple[ml_collections.ConfigDict, str]],
   if to_train:
     train_runs(to_train, joint)
   trained = {d for _, d in to_train}
-  return [evaluate_run(row, config, run_dir, data, run_plots, run_dir in trained)
+  return [evaluate_run(row, config, run_dir, data, run_plots, run_dir in trained, weights)
           for config, run_dir in runs]
 
 
 def run_study(base: ml_collections.ConfigDict, out: str,
               study: ml_collections.ConfigDict | None = None,
-              joint: bool = True) -> list[dict[str, Any]]:
+              joint: bool = True, weights: str = 'raw') -> list[dict[str, Any]]:
   """Runs (or reuses) every row of the study, then writes the table and figures.
 
   Args:
@@ -277,10 +282,16 @@ def run_study(base: ml_collections.ConfigDict, out: str,
     out: the study directory.
     study: see `default_study`.
     joint: train the seeds of a row side by side in one program (`train_runs`).
+    weights: evaluate the 'raw' weights or their 'ema' (needs base.ema_decay > 0).
 
   Returns:
     The table lines (as in ablation.csv).
+
+  Raises:
+    evaluation.NoEMAWeightsError: weights='ema' with a base config that keeps no EMA (checked
+      before anything trains).
   """
+  evaluation.check_weights(base, weights, 'this study (its base config)')
   study = default_study() if study is None else study
   start = time.monotonic()
   os.makedirs(out, exist_ok=True)
@@ -297,7 +308,7 @@ def run_study(base: ml_collections.ConfigDict, out: str,
     logging.info('[%d/%d] %s: %d run(s)', i + 1, len(rows), row.name, len(runs))
     if todo:
       by_dir.update(zip((d for _, d in todo),
-                        run_row(row, todo, data, study.run_plots, joint)))
+                        run_row(row, todo, data, study.run_plots, joint, weights)))
     reports[row.name] = [by_dir[d] for _, d in runs if by_dir[d] is not None]
     failed += [f'{row.name} seed {c.seed}' for c, d in runs if by_dir[d] is None]
     if not reports[row.name]:
@@ -324,6 +335,8 @@ def define_flags():
   flags.DEFINE_bool('joint', True, 'Train the seeds of a row side by side in one compiled '
                     'program (the train state stacked on a replica axis); --nojoint trains '
                     'them one after the other.')
+  flags.DEFINE_enum('weights', 'raw', ['raw', 'ema'], 'Evaluate the trained weights (raw) or '
+                    'their moving average (ema; needs config.ema_decay > 0).')
   flags.DEFINE_list('seeds', None, 'Seeds of every row, e.g. 0,1,2: runs in OUT/<row>/seed<k> '
                     "and mean +- std in the table (default: the study config's; none: the base "
                     "config's seed, in OUT/<row>).")
@@ -343,12 +356,12 @@ def main(argv):
   if f.seeds is not None:
     study.seeds = tuple(int(k) for k in f.seeds)
   try:
-    run_study(f.config, f.out, study, joint=f.joint)
+    run_study(f.config, f.out, study, joint=f.joint, weights=f.weights)
   except preemption.TrainingInterrupted as e:
     logging.warning('%s (rerun the same ablate command: finished rows are reused)', e)
     sys.exit(128 + e.signum)
   except (loop.NonFiniteLossError, pipeline.DatasetUnavailableError,
-          StaleRunError) as e:
+          StaleRunError, evaluation.NoEMAWeightsError) as e:
     sys.exit(f'\nERROR: {e}')
   with open(os.path.join(f.out, study_report.MD)) as fh:
     print(fh.read())
