@@ -60,10 +60,14 @@ def conv_flops(h, w, c_in, c_out, k=3):
 def model_flops(spec) -> dict:
   """Dense forward FLOPs per image of the layers as this implementation runs them.
 
-  conv0 runs once (static image); under I-SPS (first_lif) the later SPS convs run once, under
-  SPS T times. Encoder blocks run at every (t, l) cell on all N tokens (the dense path), with
-  attention in the cheaper of (Q K^T) V and Q (K^T V). Multiply by 3 for a train step.
+  conv0 runs once (static image); under I-SPS (first_lif) the later patch-embedding convs run
+  once, under SPS T times. Encoder blocks run at every (t, l) cell on all N tokens (the dense
+  path), with Spikformer's attention in the cheaper of (Q K^T) V and Q (K^T V) and SDT's as
+  three elementwise passes (k * v, its column sum, q * kv). QKFormer: `_qkformer_flops`.
+  Multiply by 3 for a train step.
   """
+  if spec.backbone == 'qkformer':
+    return _qkformer_flops(spec)
   t, n, d, hid = spec.timesteps, spec.num_tokens, spec.dim, spec.hidden_dim
   c = spec.sps_channels
   runs = 1 if spec.isps_once else t
@@ -76,8 +80,36 @@ def model_flops(spec) -> dict:
   sps += runs * conv_flops(size, size, d, d)  # RPE conv
   h, dh = spec.heads, spec.head_dim
   attn_core = 2 * 2 * h * n * dh * min(n, dh)
-  attention = t * spec.depth * (4 * 2 * n * d * d + attn_core)
-  mlp = t * spec.depth * 2 * 2 * n * d * hid
+  if spec.backbone == 'sdt':
+    attn_core = 3 * n * d
+  attention = t * spec.encoder_depth * (4 * 2 * n * d * d + attn_core)
+  mlp = t * spec.encoder_depth * 2 * 2 * n * d * hid
+  head = 2 * d * spec.num_classes
+  return {'sps': sps, 'attention': attention, 'mlp': mlp, 'head': head,
+          'total': sps + attention + mlp + head}
+
+
+def _qkformer_flops(spec) -> dict:
+  """`model_flops` for QKFormer: 'sps' is its three patch embeddings, 'attention' and 'mlp' hold
+  the dense stages 1 and 2 (T steps each) beside the stage-3 encoder."""
+  from stas_jax.model import qkformer
+  t, runs = spec.timesteps, 1 if spec.isps_once else spec.timesteps
+  w, sides = qkformer.stage_widths(spec), qkformer.stage_sides(spec)
+  c0, size = spec.sps_channels[0], spec.image_size
+  sps = conv_flops(size, size, spec.in_channels, c0)            # conv0, once
+  sps += runs * (conv_flops(sides[0], sides[0], c0, w[0]) + conv_flops(sides[0], sides[0], c0,
+                                                                       w[0], k=1))
+  attention = mlp = 0
+  for i in (1, 2):
+    n, c, side = sides[i - 1] ** 2, w[i - 1], sides[i - 1]
+    attention += t * (3 * 2 * n * c * c + 2 * n * c)          # q, k, proj; head sums, mask
+    mlp += t * 2 * 2 * n * c * int(c * spec.mlp_ratio)
+    sps += runs * (conv_flops(side, side, c, w[i]) + conv_flops(side, side, w[i], w[i])
+                   + conv_flops(sides[i], sides[i], c, w[i], k=1))
+  n, d, dh = spec.num_tokens, spec.dim, spec.head_dim
+  cells = t * spec.encoder_depth
+  attention += cells * (4 * 2 * n * d * d + 2 * 2 * spec.heads * n * dh * min(n, dh))
+  mlp += cells * 2 * 2 * n * d * spec.hidden_dim
   head = 2 * d * spec.num_classes
   return {'sps': sps, 'attention': attention, 'mlp': mlp, 'head': head,
           'total': sps + attention + mlp + head}

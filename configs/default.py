@@ -15,7 +15,10 @@ def get_model_config() -> ml_collections.ConfigDict:
   """The `model` group: backbone sizes, neurons, I-SPS and halting (spec sections 2-5).
 
   Its keys and defaults are the fields of `stas_jax.model.spec.ModelSpec` (documented there),
-  with the `neuron`, `isps` and `halt` sub-specs as nested groups.
+  with the `neuron`, `isps` and `halt` sub-specs as nested groups. Among them the token-ratio
+  controller: `halt.target_token_ratio` (0 = off; in (0, 1]: the training token ratio it holds
+  by moving an offset on the halting score's beta, docs/method.md section 6.1) and
+  `halt.ratio_gain` (the offset's step per unit of ratio error).
   """
   return ml_collections.ConfigDict(dataclasses.asdict(model_spec.ModelSpec()))
 
@@ -35,6 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.crop_padding = 4
   config.data.hflip = True
   config.data.random_resized_crop = False  # ImageNet-style augmentation
+  # RandAugment (timm's rand-m9-n1-mstd0.4-inc1 when on) and random erasing, on the device
+  # (stas_jax/data/randaugment.py); 0 = off.
+  config.data.randaugment_num_layers = 0
+  config.data.randaugment_magnitude = 9.0
+  config.data.randaugment_magnitude_std = 0.4
+  config.data.randaugment_prob = 0.5
+  config.data.random_erasing_prob = 0.0
   config.data.mixup_alpha = 0.5
   config.data.cutmix_alpha = 0.0
   config.data.mixup_off_epoch = 200
@@ -60,6 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
   # parameters and BatchNorm statistics (e.g. an I-SPS run without halting, then STAS on top);
   # the optimiser state and the step start afresh. '' = a fresh initialisation.
   config.init_from = ''
+  # Exponential moving average of the parameters and BatchNorm statistics, updated after every
+  # optimiser step with the decay min(ema_decay, (1 + t) / (10 + t)) at step t; evaluation
+  # during training then reports both weights (eval/ and eval_ema/), and the tools take
+  # --weights=ema. 0 = off (e.g. 0.999 to turn it on).
+  config.ema_decay = 0.0
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 5e-4

@@ -1,6 +1,7 @@
 """The GPU and TPU programs, lowered here without those devices (jax.export): the 4-384 CIFAR
-train steps of STAS and Spikformer in float32 and bfloat16 under pmap and jit, and the
-inference steps, checked for what they run on an accelerator.
+train steps of STAS and Spikformer in float32 and bfloat16 under pmap and jit, those of STAS on
+SDT and QKFormer (at width 64), and the inference steps, checked for what they run on an
+accelerator.
 """
 import collections
 import functools
@@ -13,6 +14,8 @@ import numpy as np
 import pytest
 
 from configs import cifar10
+from configs import cifar10_qkformer_stas
+from configs import cifar10_sdt_stas
 from configs import cifar10_spikformer
 from stas_jax.model import early_exit
 from stas_jax.model import network
@@ -23,15 +26,34 @@ from stas_jax.train import steps
 # Every test here trains, spawns processes or exports programs.
 pytestmark = pytest.mark.slow
 
-MODELS = {'stas': cifar10.get_config, 'spikformer': cifar10_spikformer.get_config}
+
+
+def _small(get_config):
+  """A backbone config at width 64: the programs' structure does not depend on the width."""
+  def small():
+    config = get_config()
+    config.model.dim = 64
+    return config
+  return small
+
+
+MODELS = {'stas': cifar10.get_config, 'spikformer': cifar10_spikformer.get_config,
+          'sdt': _small(cifar10_sdt_stas.get_config),
+          'qkformer': _small(cifar10_qkformer_stas.get_config)}
 DTYPES = ('float32', 'bfloat16')
+# 3x3 convolutions, each one convolution op whatever the number of timesteps (time folds into
+# the batch): the SPS's and MS_SPS's four stages and RPE; QKFormer's conv0 and two in each patch
+# embedding (its 1x1 convolutions are matmuls).
+CONVS = {'stas': 5, 'spikformer': 5, 'sdt': 5, 'qkformer': 6}
+# Every case of Spikformer and STAS on it; the other backbones in each dtype and layout once.
+TRAIN_CASES = ([(m, d, l) for m in ('stas', 'spikformer') for d in DTYPES
+                for l in parallel.PARALLEL_MODES]
+               + [(m, d, l) for m in ('sdt', 'qkformer')
+                  for d, l in (('float32', 'pmap'), ('bfloat16', 'jit'))])
 ACCELERATORS = ('cuda', 'tpu')
 # conftest's 8 CPU devices stand in for the accelerators' (also on a GPU machine).
 DEVICES = jax.devices('cpu')
 PER_DEVICE = 2
-# The CIFAR SPS has five 3x3 convs (four stages and the relative position embedding), each run
-# as one convolution op whatever the number of timesteps (time folds into the batch).
-SPS_CONVS = 5
 # matmul.kernel_grad_conv: the images' axis contracted like a feature axis, dy as the window.
 KERNEL_GRAD_DIMS = '[f, 0, 1, b]x[i, 0, 1, o]->[0, 1, b, f]'
 COLLECTIVES = ('all_reduce', 'all_gather', 'all_to_all', 'reduce_scatter',
@@ -141,9 +163,7 @@ def _replicated(spec):
   return '"' not in spec  # no mesh axis named in any dimension
 
 
-@pytest.mark.parametrize('layout', parallel.PARALLEL_MODES)
-@pytest.mark.parametrize('dtype', DTYPES)
-@pytest.mark.parametrize('model', MODELS)
+@pytest.mark.parametrize('model,dtype,layout', TRAIN_CASES)
 def test_train_step_lowers_for_gpu_and_tpu(model, dtype, layout):
   _, state = _setup(model, dtype, layout)
   n = len(DEVICES)
@@ -157,9 +177,9 @@ def test_train_step_lowers_for_gpu_and_tpu(model, dtype, layout):
     assert exported.platforms == (platform,) and exported.nr_devices == n
     _assert_runs_on_the_accelerator_alone(exported, text)
     # One native convolution per conv kernel gradient, where the CPU program has nine GEMMs.
-    assert text.count(KERNEL_GRAD_DIMS) == SPS_CONVS
-    assert ops['convolution'] == cpu_ops['convolution'] + SPS_CONVS
-    assert ops['dot_general'] == cpu_ops['dot_general'] - 9 * SPS_CONVS
+    assert text.count(KERNEL_GRAD_DIMS) == CONVS[model]
+    assert ops['convolution'] == cpu_ops['convolution'] + CONVS[model]
+    assert ops['dot_general'] == cpu_ops['dot_general'] - 9 * CONVS[model]
     _assert_precision(text, dtype)
     if layout == 'pmap':
       # One all-reduce per gradient leaf and per metric (the pmeans), each over every device.
@@ -204,16 +224,17 @@ def test_cross_replica_batchnorm_averages_statistics_over_every_device():
   assert groups == {f'[[{", ".join(map(str, range(n)))}]]'}
 
 
-@pytest.mark.parametrize('layout', parallel.PARALLEL_MODES)
-@pytest.mark.parametrize('dtype', DTYPES)
-def test_eval_step_lowers_for_gpu_and_tpu(dtype, layout):
+@pytest.mark.parametrize('model,dtype,layout',
+                         [('stas', d, l) for d in DTYPES for l in parallel.PARALLEL_MODES]
+                         + [('sdt', 'bfloat16', 'jit'), ('qkformer', 'bfloat16', 'jit')])
+def test_eval_step_lowers_for_gpu_and_tpu(model, dtype, layout):
   """The training loop's inference step: forward only, the sums added over devices (pmap)."""
   for platform in ACCELERATORS:
-    exported = _export('stas', dtype, layout, platform, step='eval')
+    exported = _export(model, dtype, layout, platform, step='eval')
     text = exported.mlir_module()
     ops = _ops(text)
     _assert_runs_on_the_accelerator_alone(exported, text)
-    assert ops['convolution'] == SPS_CONVS and text.count(KERNEL_GRAD_DIMS) == 0
+    assert ops['convolution'] == CONVS[model] and text.count(KERNEL_GRAD_DIMS) == 0
     _assert_precision(text, dtype)
     # pmap: one psum per returned sum; jit: the partitioner adds them at compile time.
     want = len(exported.out_avals) if layout == 'pmap' else 0
@@ -221,10 +242,11 @@ def test_eval_step_lowers_for_gpu_and_tpu(dtype, layout):
     assert all(ops[op] == 0 for op in COLLECTIVES if op != 'all_reduce')
 
 
-@pytest.mark.parametrize('dtype', DTYPES)
-def test_early_exit_inference_lowers_for_gpu_and_tpu(dtype):
+@pytest.mark.parametrize('model,dtype', [('stas', 'float32'), ('stas', 'bfloat16'),
+                                         ('sdt', 'float32'), ('qkformer', 'float32')])
+def test_early_exit_inference_lowers_for_gpu_and_tpu(model, dtype):
   """early_exit.apply: its time loop and block skips stay device-side control flow."""
-  config = _config('stas', dtype, 'jit')
+  config = _config(model, dtype, 'jit')
   net = network.create_model(config.model)
   variables = jax.eval_shape(lambda: network.init_variables(net, jax.random.key(0)))
   images = jax.ShapeDtypeStruct((64, 32, 32, 3), jnp.float32)
@@ -235,6 +257,6 @@ def test_early_exit_inference_lowers_for_gpu_and_tpu(dtype):
     ops = _ops(text)
     _assert_runs_on_the_accelerator_alone(exported, text)
     assert ops['while'] >= 1 and ops['case'] >= 1
-    assert ops['convolution'] == SPS_CONVS
+    assert ops['convolution'] == CONVS[model]
     _assert_precision(text, dtype)
     assert all(ops[op] == 0 for op in COLLECTIVES)

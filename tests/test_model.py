@@ -83,11 +83,12 @@ def test_unknown_config_key_is_named():
 
 # config.model as configs/default.py spelt it out before ModelSpec became its only source.
 DEFAULT_MODEL_GROUP = {
-    'geometry': 'cifar', 'image_size': 32, 'in_channels': 3, 'num_classes': 10,
+    'backbone': 'spikformer', 'geometry': 'cifar', 'image_size': 32, 'in_channels': 3, 'num_classes': 10,
     'patch_size': 4, 'dim': 384, 'depth': 4, 'heads': 12, 'mlp_ratio': 4, 'timesteps': 4,
     'patch_embed': 'sps', 'attn_scale': 0.125, 'bn_momentum': 0.9, 'bn_epsilon': 1e-5,
     'bn_cross_replica': False, 'dtype': 'float32', 'remat': True,
     'remat_policy': 'dots_saveable', 'unroll_time': True, 'unroll_scans': False,
+    'proj_lif_over_batch': False,
     'neuron': {'tau': 2.0, 'v_threshold': 1.0, 'attn_v_threshold': 0.5, 'v_reset': 0.0,
                'surrogate': 'sigmoid', 'alpha': 4.0, 'detach_reset': True},
     'isps': {'reduce': 'mean', 'integrate_at': 'first_lif', 'tail': 'single_step',
@@ -95,7 +96,7 @@ DEFAULT_MODEL_GROUP = {
     'halt': {'mode': 'none', 'eps': 0.01, 'channel': 0, 'gamma': 1.0, 'beta': -3.0,
              'learnable': False, 'soft_mask': False, 'soft_temperature': 0.05,
              'prior': 'act_weight', 'target_cell': 0.75, 'target_sigma': 1.0, 'alpha_p': 5e-4,
-             'alpha_d': 0.1},
+             'alpha_d': 0.1, 'target_token_ratio': 0.0, 'ratio_gain': 0.5},
 }
 
 

@@ -1,4 +1,5 @@
-"""On-device data augmentation in pure JAX: crops, flips, mixup / cutmix and label smoothing.
+"""On-device data augmentation in pure JAX: crops, flips, RandAugment and random erasing
+(`randaugment.py`), mixup / cutmix and label smoothing.
 
 Every function takes an explicit PRNG key and keeps shapes static, so it runs inside the jitted
 train step and a run's augmentation is reproducible and resumable from the step's key (spec 8).
@@ -11,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from stas_jax.data import randaugment
 
 
 def normalize(images: jax.Array, mean: Any, std: Any) -> jax.Array:
@@ -219,9 +222,13 @@ def augment_batch(key: jax.Array, batch: Mapping[str, jax.Array],
   """Turns a host batch into model inputs and soft targets, as `config.data` says.
 
   Train: random-resized-crop to `config.model.image_size` if `data.random_resized_crop`, else
-  pad-and-crop by `data.crop_padding`; then hflip if `data.hflip`; normalise; label smoothing
+  pad-and-crop by `data.crop_padding`; then hflip if `data.hflip`; RandAugment if
+  `data.randaugment_num_layers` > 0 (`data.randaugment_magnitude`, `_magnitude_std`, `_prob`;
+  geometric ops fill with the mean colour); normalise; random erasing with probability
+  `data.random_erasing_prob` (the box set to 0, the mean colour); label smoothing
   `data.label_smoothing`; then mixup (`data.mixup_alpha`) and / or cutmix (`data.cutmix_alpha`)
-  while `epoch < data.mixup_off_epoch`. Eval: normalise and one-hot only.
+  while `epoch < data.mixup_off_epoch`. Eval: normalise and one-hot only. Configs without the
+  RandAugment and erasing keys (older runs) have both off.
 
   Bind `config`, `num_classes` and `train` with functools.partial before jax.jit; `epoch` is
   traced, so switching mixup off does not recompile.
@@ -252,7 +259,17 @@ def augment_batch(key: jax.Array, batch: Mapping[str, jax.Array],
     x = random_crop_with_padding(k_crop, x, data.crop_padding)
   if data.hflip:
     x = random_hflip(k_flip, x)
+  # Keys of their own, folded out of the step's key, so that the crop, flip and mixup draws
+  # stay what they were before these two existed.
+  k_rand, k_erase = jax.random.split(jax.random.fold_in(key, 1))
+  if data.get('randaugment_num_layers', 0) > 0:
+    x = randaugment.rand_augment(
+        k_rand, x, num_layers=data.randaugment_num_layers, magnitude=data.randaugment_magnitude,
+        magnitude_std=data.randaugment_magnitude_std, prob=data.randaugment_prob,
+        fill=jnp.round(jnp.asarray(mean, jnp.float32)))
   x = normalize(x, mean, std)
+  if data.get('random_erasing_prob', 0.0) > 0:
+    x = randaugment.random_erasing(k_erase, x, data.random_erasing_prob)
   targets = smooth_labels(labels, num_classes, data.label_smoothing)
   if data.mixup_alpha > 0 or data.cutmix_alpha > 0:
     x, targets = _mixup_or_cutmix(k_mix, x, targets, data.mixup_alpha, data.cutmix_alpha,

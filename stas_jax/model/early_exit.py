@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from stas_jax.model import halting
-from stas_jax.model import layers
-from stas_jax.model.network import STAS, forward_aux
+from stas_jax.model import sdt
+from stas_jax.model.network import STAS, block_module, forward_aux, initial_membranes
 from stas_jax.model.spec import ModelSpec
 
 DEFAULT_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
@@ -104,7 +104,7 @@ class _Buffer(NamedTuple):
 class _Plan:
   """What every timestep of one `apply` call shares: sizes, the block and its inputs."""
   spec: ModelSpec
-  block: layers.SSABlock
+  block: Any                          # the backbone's encoder block (`network.block_module`)
   blocks: tuple[dict[str, Any], ...]  # block l's {'params', 'batch_stats'}, l = 0 .. L - 1
   u: jax.Array                        # (T, B * N, D) encoder input
   halt_params: halting.HaltParams     # gamma and beta of the halting score
@@ -129,6 +129,21 @@ class _Plan:
     """(B, N, ...) -> (B * N, ...)."""
     return a.reshape((self.pool,) + a.shape[2:])
 
+  def per_token(self, fn, membranes: dict[str, jax.Array], *others) -> dict[str, jax.Array]:
+    """`fn` applied to the per-token membranes (with the matching entries of `others`); the
+    membranes of one neuron per image or per batch (`shared_membranes`) pass unchanged."""
+    shared = shared_membranes(self.spec)
+    return {k: v if k in shared else fn(v, *(o[k] for o in others))
+            for k, v in membranes.items()}
+
+
+def shared_membranes(spec: ModelSpec) -> tuple[str, ...]:
+  """Block membranes that are not one per token, so they stay out of the token buffer: SDT's
+  talking-heads LIF (one per image and channel), QKFormer's proj_lif run over the batch."""
+  if spec.backbone == 'sdt':
+    return sdt.IMAGE_MEMBRANES
+  return ('proj_lif',) if spec.proj_lif_over_batch else ()
+
 
 def _take_rows(buf: _Buffer, idx: jax.Array) -> _Buffer:
   return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), buf)
@@ -148,15 +163,15 @@ def _make_plan(model: STAS, variables: dict[str, Any], images: jax.Array,
   u, sps_aux = model.apply(variables, images, False, method=STAS.embed)
   gamma, beta = model.apply(variables, method=STAS.halting_params)
   stacked = {k: variables[k]['encoder']['blocks']['block'] for k in ('params', 'batch_stats')}
-  block = layers.SSABlock(spec, train=False)
+  block = block_module(spec)(spec, train=False)
   batch = images.shape[0]
   pool = batch * N
   caps = capacities(pool, tuple(fractions))
   u = u.reshape((T, pool, D))
-  blocks = tuple(jax.tree.map(lambda a, l=l: a[l], stacked) for l in range(spec.depth))
+  blocks = tuple(jax.tree.map(lambda a, l=l: a[l], stacked) for l in range(spec.encoder_depth))
   stats_shape = jax.eval_shape(lambda: block.apply(
       blocks[0], u[0].reshape((batch, N, D)), jnp.ones((batch, N)),
-      layers.block_membranes(spec, batch))[2])
+      initial_membranes(spec, batch))[2])
   plan = _Plan(spec=spec, block=block, blocks=blocks, u=u,
                halt_params=halting.HaltParams(gamma, beta), batch=batch, caps=caps,
                stats_shape=stats_shape)
@@ -164,14 +179,15 @@ def _make_plan(model: STAS, variables: dict[str, Any], images: jax.Array,
 
 
 def _run_block(plan: _Plan, lay: TokenLayout, params, z, hs: halting.HaltState, membranes):
-  """One block on the buffer rows: z (C, D), its LIF membranes in grid layout (B * N, width)."""
+  """One block on the buffer rows: z (C, D), its per-token LIF membranes in grid layout
+  (B * N, width)."""
   if lay.rows.shape[0] == plan.pool:  # the full buffer is the grid in order: no gathers
     z, membranes, stats = plan.block.apply(params, plan.grid(z), plan.grid(hs.mask),
-                                           jax.tree.map(plan.grid, membranes))
-    return plan.flat(z), jax.tree.map(plan.flat, membranes), stats
-  held = jax.tree.map(lay.take, membranes)
+                                           plan.per_token(plan.grid, membranes))
+    return plan.flat(z), plan.per_token(plan.flat, membranes), stats
+  held = plan.per_token(lay.take, membranes)
   z, held, stats = plan.block.apply(params, z, hs.mask, held, lay)
-  return z, jax.tree.map(lay.put, membranes, held), stats
+  return z, plan.per_token(lay.put, membranes, held), stats
 
 
 def _skip_block(plan: _Plan, z, hs: halting.HaltState, membranes):
@@ -206,10 +222,13 @@ def _run_timestep(plan: _Plan, lay: TokenLayout, t, buf: _Buffer, membranes, rec
     run = run + pending * buf.rows.shape[0]
     new_membranes.append(block_membranes)
     active = hs.mask
-    position = halting.CellPosition.at(t, l, spec.timesteps, spec.depth)
+    position = halting.CellPosition.at(t, l, spec.timesteps, spec.encoder_depth)
     hs, weight = halting.cell_update(spec.halt, hs, z, position, plan.halt_params)
     cell = {'active': on_grid(active), 'weight': on_grid(weight), 'stats': stats}
-    rec = _record(rec, cell, t * spec.depth + l)
+    if spec.backbone == 'sdt':  # the head LIF's input at this timestep (sdt.step_weight)
+      step_w = sdt.step_weight(spec.halt.mode, weight, position.last_block, spec.timesteps)
+      cell['readout'] = sdt.step_readout(plan.grid(on_grid(z)), plan.grid(on_grid(step_w)))
+    rec = _record(rec, cell, t * spec.encoder_depth + l)
   return t + 1, _Buffer(buf.rows, hs), tuple(new_membranes), rec, run
 
 
@@ -245,15 +264,17 @@ def _run_phases(plan: _Plan, i: int, t, buf: _Buffer, home_hs: halting.HaltState
 def _initial_state(plan: _Plan):
   """(full buffer, grid halting state, membranes, records) before the first timestep."""
   spec = plan.spec
-  cells, pool = spec.timesteps * spec.depth, plan.pool
+  cells, pool = spec.timesteps * spec.encoder_depth, plan.pool
   hs0 = jax.tree.map(plan.flat, halting.init_state(plan.batch, spec.num_tokens, spec.dim))
-  mem0 = tuple(jax.tree.map(plan.flat, layers.block_membranes(spec, plan.batch))
-               for _ in range(spec.depth))
+  mem0 = tuple(plan.per_token(plan.flat, initial_membranes(spec, plan.batch))
+               for _ in range(spec.encoder_depth))
   start = _Buffer(jnp.arange(pool, dtype=jnp.int32), hs0)
   rec0 = {'active': jnp.zeros((cells, pool), jnp.float32),
           'weight': jnp.zeros((cells, pool), jnp.float32),
           'stats': jax.tree.map(lambda s: jnp.zeros((cells,) + s.shape, s.dtype),
                                 plan.stats_shape)}
+  if spec.backbone == 'sdt':
+    rec0['readout'] = jnp.zeros((cells, plan.batch, spec.dim), jnp.float32)
   return start, hs0, mem0, rec0
 
 
@@ -278,10 +299,15 @@ def apply(model: STAS, variables: dict[str, Any], images: jax.Array,
   start, hs0, mem0, rec0 = _initial_state(plan)
   timesteps_run, home_hs, rec, rows_run = _run_phases(plan, 0, 0, start, hs0, mem0, rec0,
                                                       jnp.int32(0))
-  T, L, N = plan.spec.timesteps, plan.spec.depth, plan.spec.num_tokens
+  T, L, N = plan.spec.timesteps, plan.spec.encoder_depth, plan.spec.num_tokens
   cell_grid = (T, L, plan.batch, N)
-  logits = model.apply(variables, plan.grid(home_hs.out), method=STAS.classify)
+  step_readouts = None
+  if 'readout' in rec:
+    step_readouts = jnp.sum(rec['readout'].reshape((T, L) + rec['readout'].shape[1:]), axis=1)
+  logits, head_stats = model.apply(variables, plan.grid(home_hs.out), step_readouts,
+                                   method=STAS.head_logits)
+  extra = {'head_stats': {'head_lif': head_stats['head_lif']}} if head_stats else {}
   return logits, forward_aux(
       rec['active'].reshape(cell_grid), rec['weight'].reshape(cell_grid), plan.grid(home_hs.rho),
       jax.tree.map(lambda a: a.reshape((T, L) + a.shape[1:]), rec['stats']), sps_aux,
-      timesteps_run=timesteps_run, rows_ratio=rows_run / (T * L * plan.pool))
+      timesteps_run=timesteps_run, rows_ratio=rows_run / (T * L * plan.pool), **extra)

@@ -176,6 +176,40 @@ def multistep_lif(x: jax.Array, steps: int, p: neurons.LIFParams) -> jax.Array:
   return s.reshape(x.shape)
 
 
+def integrate(spec: ModelSpec, spikes: jax.Array) -> jax.Array:
+  """I-SPS integration over the leading time axis: `model.isps.reduce` (mean or sum)."""
+  return jnp.sum(spikes, 0) if spec.isps.reduce == 'sum' else jnp.mean(spikes, 0)
+
+
+def fire(spec: ModelSpec, current: jax.Array, steps: int,
+         mode: str) -> tuple[jax.Array, jax.Array, int]:
+  """A patch-embedding LIF on its BatchNorm output, per timestep or, under I-SPS, once.
+
+  With `steps` = T > 1 (SPS) time is folded into the leading axis and the LIF runs over it.
+  With `steps` = 1 (I-SPS, the conv ran once) the current is constant over time and `mode`
+  (this stage's entry of `model.isps.tail`) says how the neuron turns it into the output:
+    single_step: one LIF step from rest (fires for a current >= tau * v_th);
+    any_spike: 1 where an S-step LIF on this current fires at least once (a current >=
+      v_th / (1 - (1 - 1/tau) ** S)), else 0; the surrogate gradient flows through the S steps;
+    multi_step: the S-step LIF's spikes integrated by `model.isps.reduce` (a count or a rate).
+  S is `model.isps.tail_steps` (default T).
+
+  Returns:
+    (output like current, spikes emitted per image (B,), spikes in one unit of the output).
+  """
+  s = spec
+  batch = current.shape[0] // steps
+  if steps > 1 or mode == 'single_step':
+    out = multistep_lif(current, steps, s.lif())
+    return out, image_sums(out, batch), 1
+  spikes = neurons.lif_constant_input(current, s.tail_steps, s.lif())
+  if mode == 'any_spike':
+    out = neurons.fired_any(spikes)
+    return out, image_sums(out, batch), 1
+  return (integrate(s, spikes), image_sums(spikes.reshape((-1,) + current.shape[1:]), batch),
+          s.tail_spikes_per_unit)
+
+
 class SPS(nn.Module):
   """Spiking patch splitting: four conv-BN-LIF stages with max-pools, then the conv RPE.
 
@@ -220,34 +254,11 @@ class SPS(nn.Module):
 
   def integrate(self, spikes: jax.Array) -> jax.Array:
     """I-SPS integration over the leading time axis: `model.isps.reduce` (mean or sum)."""
-    return jnp.sum(spikes, 0) if self.spec.isps.reduce == 'sum' else jnp.mean(spikes, 0)
+    return integrate(self.spec, spikes)
 
   def fire(self, current: jax.Array, steps: int, mode: str) -> tuple[jax.Array, jax.Array, int]:
-    """A tail stage's LIF on its BatchNorm output.
-
-    With `steps` = T > 1 (SPS) time is folded into the leading axis and the LIF runs over it.
-    With `steps` = 1 (I-SPS, the conv ran once) the current is constant over time and `mode`
-    (this stage's entry of `model.isps.tail`) says how the neuron turns it into the output:
-      single_step: one LIF step from rest (fires for a current >= tau * v_th);
-      any_spike: 1 where an S-step LIF on this current fires at least once (a current >=
-        v_th / (1 - (1 - 1/tau) ** S)), else 0; the surrogate gradient flows through the S steps;
-      multi_step: the S-step LIF's spikes integrated by `model.isps.reduce` (a count or a rate).
-    S is `model.isps.tail_steps` (default T).
-
-    Returns:
-      (output like current, spikes emitted per image (B,), spikes in one unit of the output).
-    """
-    s = self.spec
-    batch = current.shape[0] // steps
-    if steps > 1 or mode == 'single_step':
-      out = multistep_lif(current, steps, s.lif())
-      return out, _image_sums(out, batch), 1
-    spikes = neurons.lif_constant_input(current, s.tail_steps, s.lif())
-    if mode == 'any_spike':
-      out = neurons.fired_any(spikes)
-      return out, _image_sums(out, batch), 1
-    return (self.integrate(spikes), _image_sums(spikes.reshape((-1,) + current.shape[1:]), batch),
-            s.tail_spikes_per_unit)
+    """A tail stage's LIF on its BatchNorm output (`fire`)."""
+    return fire(self.spec, current, steps, mode)
 
   def tail(self, x: jax.Array, steps: int, train: bool,
            x_spikes_per_unit: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -273,18 +284,18 @@ class SPS(nn.Module):
     unit = x_spikes_per_unit
     modes = self.spec.isps.tail_modes
     for i, (conv, bn, lif_name, in_name) in enumerate(stages, start=1):
-      aux[in_name] = _image_sums(x, batch) * unit
+      aux[in_name] = image_sums(x, batch) * unit
       x, aux[lif_name], unit = self.fire(bn(conv(x), train), steps, modes[i - 1])
       if self._pool_after(i):
         x = max_pool(x)
     feat = x
-    aux['rpe_in'] = _image_sums(feat, batch) * unit
+    aux['rpe_in'] = image_sums(feat, batch) * unit
     rpe, aux['rpe_lif'], _ = self.fire(self.rpe_bn(self.rpe_conv(feat), train), steps, modes[3])
     tokens = einops.rearrange(rpe + feat, 'b h w d -> b (h w) d')
     return tokens, aux
 
 
-def _image_sums(a: jax.Array, batch: int) -> jax.Array:
+def image_sums(a: jax.Array, batch: int) -> jax.Array:
   """Per-image sum of a time-major (steps * B, ...) array -> (B,)."""
   return jnp.sum(a.reshape((-1, batch, math.prod(a.shape[1:]))), axis=(0, 2))
 
@@ -316,6 +327,7 @@ class SSABlock(nn.Module):
   spec: ModelSpec
   train: bool = False
   bn_axis_name: str | None = None
+  capture: bool = False           # also return z after the attention's residual add ('z_mid')
 
   def _dense(self, features: int, name: str, bias: bool = True) -> Linear:
     return Linear(features, use_bias=bias, dtype=_dtype(self.spec), name=name)
@@ -337,7 +349,8 @@ class SSABlock(nn.Module):
       layout: None for the (B, N) grid; else where the buffer rows sit in the grid.
 
     Returns:
-      (z_out like z, new membranes, per-image stats (B,) for energy and firing rates).
+      (z_out like z, new membranes, per-image stats (B,) for energy and firing rates; with
+      `capture` also 'z_mid', z after the attention's residual add, like z).
     """
     s = self.spec
     lif, attn_lif = s.lif(), s.attn_lif()
@@ -369,7 +382,13 @@ class SSABlock(nn.Module):
       y = matmul.einsum('bhnm,bhmd->bhnd', attn, vh.astype(cdt))
     y = from_grid(einops.rearrange(y, 'b h n d -> b n (h d)'))
     new['attn_lif'], a = neurons.lif_step_masked(membranes['attn_lif'], y, m, attn_lif)
-    new['proj_lif'], proj = self._lin_bn_lif(a, m, membranes['proj_lif'], s.dim, 'proj', lif)
+    if s.proj_lif_over_batch:
+      y = self._dense(s.dim, 'proj_linear')(a)
+      y = batch_norm(s, 'proj_bn', self.bn_axis_name)(y, self.train, m > 0)
+      new['proj_lif'], proj = lif_over_batch(membranes['proj_lif'], y, m, lif, to_grid,
+                                             from_grid)
+    else:
+      new['proj_lif'], proj = self._lin_bn_lif(a, m, membranes['proj_lif'], s.dim, 'proj', lif)
     z_mid = z + m * proj
     new['fc1_lif'], h1 = self._lin_bn_lif(z_mid, m, membranes['fc1_lif'], s.hidden_dim, 'fc1', lif)
     new['fc2_lif'], h2 = self._lin_bn_lif(h1, m, membranes['fc2_lif'], s.dim, 'fc2', lif)
@@ -380,11 +399,41 @@ class SSABlock(nn.Module):
     stats.update(q_lif=per_image(q), k_lif=per_image(k), v_lif=per_image(v),
                  qk_map=qk_sum, attn_lif=per_image(a), proj_lif=per_image(proj),
                  x_mid=per_image(z_mid * m), fc1_lif=per_image(h1), fc2_lif=per_image(h2))
+    if self.capture:
+      stats['z_mid'] = z_mid
     return z_out, new, stats
 
 
+def lif_over_batch(v: jax.Array, y: jax.Array, m: jax.Array, p: neurons.LIFParams, to_grid,
+                   from_grid) -> tuple[jax.Array, jax.Array]:
+  """A LIF whose time axis runs over the images too, as QKFormer's stage-3 proj_lif does.
+
+  The reference applies that LIF to its (T * B, C, N) input, so one (N, C) membrane passes
+  through image 0, 1, ... B - 1 of timestep 0, then of timestep 1, ... (`model.proj_lif_over_batch`).
+
+  Args:
+    v: (N, C) membrane at the end of the previous timestep's last image.
+    y: (B, N, C) input, or (rows, C) buffer rows that `to_grid` places in the grid.
+    m: mask like y's leading axes plus one (1 = active); masked tokens keep the membrane.
+    p: neuron constants.
+    to_grid, from_grid: the block's maps between its rows and the (B, N) grid.
+
+  Returns:
+    (membrane (N, C) after image B - 1, spikes like y).
+  """
+  def step(v, ym):
+    return neurons.lif_step_masked(v, ym[0], ym[1], p)
+
+  v, spikes = jax.lax.scan(step, v, (to_grid(y), to_grid(m)))
+  return v, from_grid(spikes)
+
+
 def block_membranes(spec: ModelSpec, batch: int) -> dict[str, jax.Array]:
-  """Zero (reset) membranes of every LIF in one block, keyed like `BLOCK_LIFS`."""
+  """Zero (reset) membranes of every LIF in one block, keyed like `BLOCK_LIFS`; QKFormer's
+  proj_lif over the batch (`lif_over_batch`) has one (N, D) membrane for all images."""
   n, d, hid = spec.num_tokens, spec.dim, spec.hidden_dim
   width = {'fc1_lif': hid}
-  return {k: jnp.zeros((batch, n, width.get(k, d)), jnp.float32) for k in BLOCK_LIFS}
+  out = {k: jnp.zeros((batch, n, width.get(k, d)), jnp.float32) for k in BLOCK_LIFS}
+  if spec.proj_lif_over_batch:
+    out['proj_lif'] = jnp.zeros((n, d), jnp.float32)
+  return out

@@ -12,7 +12,27 @@ import numpy as np
 
 from stas_jax.model import halting
 from stas_jax.model import layers
+from stas_jax.model import qkformer
+from stas_jax.model import sdt
 from stas_jax.model.spec import ModelSpec, spec_from_config
+
+# The variable collection of the token-ratio controller's state (its 'offset'), present only
+# with `model.halt.target_token_ratio` > 0: an input of the forward pass that the training step,
+# not the optimiser, updates.
+HALT_CONTROL = 'halt_control'
+
+
+def block_module(spec: ModelSpec) -> type[nn.Module]:
+  """The encoder block of the backbone: Spikformer's SSA block (also QKFormer's stage 3) or
+  SDT's membrane-shortcut block. Both take (z, mask, membranes[, layout])."""
+  return sdt.SDTBlock if spec.backbone == 'sdt' else layers.SSABlock
+
+
+def initial_membranes(spec: ModelSpec, batch: int) -> dict[str, jax.Array]:
+  """Zero (reset) membranes of one encoder block."""
+  if spec.backbone == 'sdt':
+    return sdt.block_membranes(spec, batch)
+  return layers.block_membranes(spec, batch)
 
 
 class EncoderCell(nn.Module):
@@ -33,15 +53,19 @@ class EncoderCell(nn.Module):
     s = self.spec
     hp = s.halt
     active = hs.mask
-    z_out, membranes, stats = layers.SSABlock(s, self.train, self.bn_axis_name, name='block')(
-        z, active, membranes)
-    position = halting.CellPosition.at(t, l, s.timesteps, s.depth)
+    z_out, membranes, stats = block_module(s)(s, self.train, self.bn_axis_name, self.capture,
+                                              name='block')(z, active, membranes)
+    position = halting.CellPosition.at(t, l, s.timesteps, s.encoder_depth)
     hs, weight = halting.cell_update(hp, hs, z_out, position, halt_params)
     ys = {'active': active, 'weight': weight, 'stats': stats}
+    if s.backbone == 'sdt':
+      step_w = sdt.step_weight(hp.mode, weight, position.last_block, s.timesteps)
+      ys['step_readout'] = sdt.step_readout(z_out, step_w)
     if hp.prior_reads_scores:
       ys['score'] = halting.halting_score(z_out, halt_params.gamma, halt_params.beta, hp.channel)
     if self.capture:
       ys['z_in'] = z
+      ys['z_mid'] = stats.pop('z_mid')
       ys['z_out'] = z_out
     return (z_out, hs, t, halt_params), (membranes, ys)
 
@@ -71,8 +95,8 @@ class Encoder(nn.Module):
     else:
       cell = EncoderCell
     scan_blocks = nn.scan(cell, variable_axes={'params': 0, 'batch_stats': 0},
-                          split_rngs={'params': True}, in_axes=0, out_axes=0, length=s.depth,
-                          unroll=s.depth if s.unroll_scans else 1)
+                          split_rngs={'params': True}, in_axes=0, out_axes=0,
+                          length=s.encoder_depth, unroll=s.encoder_depth if s.unroll_scans else 1)
     blocks = scan_blocks(s, train, capture, self.bn_axis_name, name='blocks')
 
     def time_step(mdl, carry, xs):
@@ -81,11 +105,11 @@ class Encoder(nn.Module):
       if s.halt.mode == 'spatial':
         hs = halting.reset_for_timestep(hs)
       (_, hs, _, _), (membranes, ys) = mdl((u_t, hs, t, halt_params),
-                                           (membranes, jnp.arange(s.depth)))
+                                           (membranes, jnp.arange(s.encoder_depth)))
       return (membranes, hs), ys
 
-    one_block = layers.block_membranes(s, batch)
-    mem0 = jax.tree.map(lambda a: jnp.broadcast_to(a, (s.depth,) + a.shape), one_block)
+    one_block = initial_membranes(s, batch)
+    mem0 = jax.tree.map(lambda a: jnp.broadcast_to(a, (s.encoder_depth,) + a.shape), one_block)
     hs0 = halting.init_state(batch, s.num_tokens, s.dim)
     ts = jnp.arange(s.timesteps)
     if self.is_initializing():
@@ -106,10 +130,12 @@ class Encoder(nn.Module):
 
 
 class STAS(nn.Module):
-  """Spikformer backbone with I-SPS and A-SSA halting; Spikformer itself with sps + mode none.
+  """A spiking Transformer (`model.backbone`: Spikformer, SDT or QKFormer) with I-SPS and A-SSA
+  halting; the backbone itself with sps + mode none.
 
   `__call__(images, train=False, capture=False)` takes NHWC float32 images and returns
-  `(logits, aux)`. aux keys:
+  `(logits, aux)`. Variables: 'params', 'batch_stats' and, with the token-ratio controller,
+  `HALT_CONTROL` {'offset': ()} (see `halting_params`). aux keys:
     active (T, L, B, N): mask in effect when block l ran at timestep t.
     cell_weight (T, L, B, N): ACT weight each cell's output got in the readout.
     ponder (B, N): ponder cost rho (`stas_jax.train.losses` turns it and cell_weight into the
@@ -117,10 +143,13 @@ class STAS(nn.Module):
     cell_score (T, L, B, N): the raw halting score h of every token at every cell, only with
       halting on and `model.halt.prior = 'avit'` (that prior's input).
     block_stats: {name: (T, L, B)} input sums and spike counts per block layer.
-    sps_stats: {name: (B,)} input sums and spike counts of the patch embedding, and
-      token_values (T, B, N) (see `embed`).
+    sps_stats: {name: (B,)} input sums and spike counts of the patch embedding (QKFormer:
+      of everything before stage 3), and token_values (T, B, N) (see `embed`).
+    head_stats: SDT only, {'head_lif': (B,)} spikes of the head LIF.
     embed (T, B, N, D): encoder input per timestep.
-    with capture=True also block_inputs / block_outputs (T, L, B, N, D).
+    with capture=True also block_inputs, block_mids (after the attention's residual add) and
+    block_outputs (T, L, B, N, D); SDT: head_spikes (T, B, D); QKFormer: embed_captures, the
+    outputs of its stages before the encoder (`qkformer.Tokenizer`).
   """
   spec: ModelSpec
   bn_axis_name: str | None = None
@@ -136,27 +165,51 @@ class STAS(nn.Module):
 
   def setup(self):
     s = self.spec
-    self.patch_embed = layers.SPS(s, self.bn_axis_name)
+    if s.backbone == 'qkformer':
+      self.patch_embed = qkformer.Tokenizer(s, self.bn_axis_name)
+    elif s.backbone == 'sdt':
+      self.patch_embed = sdt.MSSPS(s, self.bn_axis_name)
+    else:
+      self.patch_embed = layers.SPS(s, self.bn_axis_name)
     self.encoder = Encoder(s, self.bn_axis_name)
     self.head = nn.Dense(s.num_classes, kernel_init=layers.dense_init)
     if s.halt.learnable:
       self.halt_gamma = self.param('halt_gamma', nn.initializers.constant(s.halt.gamma), ())
       self.halt_beta = self.param('halt_beta', nn.initializers.constant(s.halt.beta), ())
+    if s.halt.controlled:
+      # The token-ratio controller's offset: an input (collection 'halt_control'), never a
+      # parameter; the training step updates it (stas_jax.train.steps.control_offset).
+      self.halt_offset = self.variable(HALT_CONTROL, 'offset', jnp.zeros, (), jnp.float32)
 
   def halting_params(self) -> tuple[jax.Array, jax.Array]:
-    """(gamma, beta) of the halting score: parameters if learnable, else config constants."""
-    if self.spec.halt.learnable:
-      return self.halt_gamma, self.halt_beta
-    return jnp.float32(self.spec.halt.gamma), jnp.float32(self.spec.halt.beta)
+    """(gamma, beta) of the halting score: parameters if learnable, else config constants.
 
-  def embed(self, images: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+    With the token-ratio controller (`model.halt.target_token_ratio`) beta is shifted by its
+    offset, without a gradient: h = sigmoid(gamma * z + beta + offset), so a positive offset
+    raises every halting score and tokens halt earlier (a lower token ratio).
+    """
+    if self.spec.halt.learnable:
+      gamma, beta = self.halt_gamma, self.halt_beta
+    else:
+      gamma, beta = jnp.float32(self.spec.halt.gamma), jnp.float32(self.spec.halt.beta)
+    if self.spec.halt.controlled:
+      beta = beta + jax.lax.stop_gradient(self.halt_offset.value)
+    return gamma, beta
+
+  def embed(self, images: jax.Array, train: bool,
+            capture: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Patch embedding: (B, H, W, C) -> encoder input (T, B, N, D) and its aux sums.
 
-    aux: per-image (B,) spike sums of every SPS layer (see `SPS.tail`) and `token_values`
-    (T, B, N), the sum of each token of U, which energy.py needs when U is a rate.
+    aux: per-image (B,) spike sums of every SPS layer (see `SPS.tail`; QKFormer:
+    `qkformer.Tokenizer`) and `token_values` (T, B, N), the sum of each token of U, which
+    energy.py needs when U is a rate; with `capture`, QKFormer's stage outputs ('captures').
     """
     s = self.spec
     self._check_images(images)
+    if s.backbone == 'qkformer':
+      u, aux = self.patch_embed(images, train, capture)
+      chex.assert_shape(u, (s.timesteps, images.shape[0], s.num_tokens, s.dim))
+      return u, aux
     sps = self.patch_embed
     batch, steps = images.shape[0], s.timesteps
     s0 = sps.first_spikes(sps.stem(images, train))              # (T, B, H, W, C0)
@@ -180,6 +233,25 @@ class STAS(nn.Module):
     """Head on the halting-weighted token outputs (B, N, D) -> logits (B, K)."""
     return self.head(halting.readout(out))
 
+  def head_logits(self, out: jax.Array, step_readouts: jax.Array | None = None
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Logits from the encoder's readouts, for every backbone.
+
+    Args:
+      out: (B, N, D) halting-weighted token outputs (`halting.HaltState.out`).
+      step_readouts: SDT only, (T, B, D) the head LIF's input per timestep
+        (`sdt.step_weight`): its spikes go through the Linear head, averaged over T.
+
+    Returns:
+      (logits (B, K), head stats: SDT's {'head_lif': (B,) spike counts, 'head_spikes':
+      (T, B, D)}, else {}).
+    """
+    if self.spec.backbone != 'sdt':
+      return self.classify(out), {}
+    spikes = sdt.head_spikes(step_readouts, self.spec)
+    return jnp.mean(self.head(spikes), axis=0), {'head_lif': jnp.sum(spikes, axis=(0, 2)),
+                                                 'head_spikes': spikes}
+
   def __call__(self, images: jax.Array, train: bool = False, capture: bool = False,
                halt_temperature=None):
     """Forward pass.
@@ -197,7 +269,8 @@ class STAS(nn.Module):
     """
     s = self.spec
     hp = s.halt
-    u, sps_aux = self.embed(images, train)
+    u, sps_aux = self.embed(images, train, capture)
+    captures = sps_aux.pop('captures', None)
     gamma, beta = self.halting_params()
     temperature = None
     if hp.soft_mask:
@@ -205,13 +278,22 @@ class STAS(nn.Module):
                                 else halt_temperature)
     hs, ys = self.encoder(u, halting.HaltParams(gamma, beta, temperature), train=train,
                           capture=capture)
-    logits = self.classify(hs.out)
-    aux = forward_aux(ys['active'], ys['weight'], hs.rho, ys['stats'], sps_aux, embed=u)
+    step_readouts = jnp.sum(ys['step_readout'], axis=1) if 'step_readout' in ys else None
+    logits, head_stats = self.head_logits(hs.out, step_readouts)
+    extra = {}
+    if head_stats:
+      extra['head_stats'] = {'head_lif': head_stats['head_lif']}
+    aux = forward_aux(ys['active'], ys['weight'], hs.rho, ys['stats'], sps_aux, embed=u, **extra)
     if 'score' in ys:
       aux['cell_score'] = ys['score']
     if capture:
       aux['block_inputs'] = ys['z_in']
+      aux['block_mids'] = ys['z_mid']
       aux['block_outputs'] = ys['z_out']
+      if head_stats:
+        aux['head_spikes'] = head_stats['head_spikes']
+      if captures is not None:
+        aux['embed_captures'] = captures
     return logits, aux
 
 
@@ -246,7 +328,8 @@ def create_model(model_config, *, bn_axis_name: str | None = None) -> STAS:
 
 
 def init_variables(model: STAS, rng: jax.Array, batch_size: int = 1) -> dict[str, Any]:
-  """Initial {'params', 'batch_stats'} from a zero batch of the model's image shape."""
+  """Initial {'params', 'batch_stats'} from a zero batch of the model's image shape, and
+  {HALT_CONTROL: {'offset': 0.0}} with the token-ratio controller."""
   return dict(_init_fn(model, batch_size)(rng))
 
 

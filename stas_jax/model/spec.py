@@ -12,6 +12,9 @@ from stas_jax.model import halting
 from stas_jax.model import neurons
 
 GEOMETRIES = ('cifar', 'imagenet')
+# The spiking Transformer the halting encoder belongs to (docs/method.md section 3): Spikformer,
+# the Spike-driven Transformer v1 (stas_jax/model/sdt.py) and QKFormer (stas_jax/model/qkformer.py).
+BACKBONES = ('spikformer', 'sdt', 'qkformer')
 PATCH_EMBEDS = ('sps', 'isps')
 ISPS_REDUCES = ('mean', 'sum')
 ISPS_INTEGRATE_AT = ('first_lif', 'sps_output')
@@ -53,7 +56,8 @@ class ISPSSpec:
     | 'multi_step' (the T steps' spikes integrated by `reduce`). One mode for the four tail LIFs,
     or four comma-separated modes for LIF1, LIF2, LIF3 and the RPE LIF in turn (e.g.
     'multi_step,single_step,single_step,single_step'); LIF3 and the RPE LIF, whose outputs add
-    up to the token map, must both be multi_step or both not.
+    up to the token map, must both be multi_step or both not. SDT reads the first three (its
+    LIF1-3; MS_SPS has no RPE LIF), QKFormer the first three for its patch embeddings 1-3.
   tail_steps: how many steps the any_spike and multi_step tail neurons run on their constant
     current (0: T, the timesteps). A neuron of tau 2 on a constant current I fires 0, 1, 2 or 4
     times over 4 steps (from I = 16/15, 4/3 and 2 on) and 0, 1 or 2 times over 2 steps (from 4/3
@@ -89,6 +93,16 @@ class HaltSpec:
   target_sigma: float = 1.0
   alpha_p: float = 5e-4           # ponder loss weight
   alpha_d: float = 0.1            # distribution-prior loss weight
+  # Token-ratio budget controller (docs/method.md section 6.1): hold the training token ratio
+  # at this target in (0, 1] by dual ascent on an offset added to beta (stop-gradient, kept in
+  # the train state's `halt_control`); 0 = off.
+  target_token_ratio: float = 0.0
+  ratio_gain: float = 0.5         # offset += ratio_gain * (batch token ratio - target) per step
+
+  @property
+  def controlled(self) -> bool:
+    """Whether the token-ratio controller runs (a target is set and halting is on)."""
+    return self.target_token_ratio > 0
 
   @property
   def prior_reads_scores(self) -> bool:
@@ -104,6 +118,7 @@ class ModelSpec:
   These field defaults are the defaults of `config.model` (`configs/default.py` builds the
   group from them).
   """
+  backbone: str = 'spikformer'    # 'spikformer' | 'sdt' | 'qkformer' (BACKBONES)
   geometry: str = 'cifar'         # 'cifar' (Linear blocks) | 'imagenet' (1x1 convs, no qkv bias)
   image_size: int = 32
   in_channels: int = 3
@@ -128,6 +143,11 @@ class ModelSpec:
   remat_policy: str = 'dots_saveable'
   unroll_time: bool = True        # unroll the T-step time scan, the block scan stays rolled
   unroll_scans: bool = False      # unroll the block scan too (implies unroll_time; longer compile)
+  # QKFormer only: its reference applies the stage-3 proj_lif to a (T * B, C, N) tensor, so the
+  # LIF's time axis runs over the images too and its membrane passes from each image to the next
+  # (layers.lif_over_batch). True reproduces that (parity with official checkpoints); False runs it
+  # per image like every other LIF (docs/method.md section 3).
+  proj_lif_over_batch: bool = False
   neuron: NeuronSpec = NeuronSpec()
   isps: ISPSSpec = ISPSSpec()
   halt: HaltSpec = HaltSpec()
@@ -135,6 +155,13 @@ class ModelSpec:
   @property
   def num_pools(self) -> int:
     return int(round(math.log2(self.patch_size)))
+
+  @property
+  def encoder_depth(self) -> int:
+    """Blocks in the halting encoder, the L of the (T, L) grid: `depth`, except for QKFormer,
+    whose `depth` counts its one stage-1 and one stage-2 block too (the official `depths`) and
+    whose encoder is stage 3 (docs/method.md section 3)."""
+    return self.depth - 2 if self.backbone == 'qkformer' else self.depth
 
   @property
   def grid_size(self) -> int:
@@ -154,8 +181,9 @@ class ModelSpec:
 
   @property
   def qkv_bias(self) -> bool:
-    # Reference CIFAR blocks use nn.Linear (bias); ImageNet's use bias-free Conv1d for q, k, v.
-    return self.geometry == 'cifar'
+    # Reference CIFAR blocks use nn.Linear (bias); ImageNet's use bias-free Conv1d for q, k, v,
+    # as do every SDT and QKFormer attention.
+    return self.geometry == 'cifar' and self.backbone == 'spikformer'
 
   @property
   def sps_channels(self):
@@ -193,7 +221,9 @@ class ModelSpec:
       return 1
     if self.isps.integrate_at == 'sps_output':
       return self.spikes_per_unit
-    if self.isps.tail_modes[-1] == 'multi_step':
+    # The LIFs that make U: Spikformer's RPE LIF (and LIF3), QKFormer's patch_embed3.
+    last = self.isps.tail_modes[2 if self.backbone == 'qkformer' else 3]
+    if last == 'multi_step':
       return self.tail_spikes_per_unit
     return 1
 
@@ -248,7 +278,7 @@ def spec_from_config(cfg) -> ModelSpec:
   return spec
 
 
-def _validate_tail(isps: ISPSSpec):
+def _validate_tail(isps: ISPSSpec, backbone: str):
   modes = isps.tail_modes
   if len(modes) != len(ISPS_TAIL_LIFS):
     raise ValueError(f'model.isps.tail={isps.tail!r}: give one mode or {len(ISPS_TAIL_LIFS)} '
@@ -258,7 +288,7 @@ def _validate_tail(isps: ISPSSpec):
   if not isinstance(isps.tail_steps, int) or isps.tail_steps < 0:
     raise ValueError(f'model.isps.tail_steps={isps.tail_steps!r}: give a number of steps >= 1, '
                      'or 0 for T (model.timesteps)')
-  if (modes[2] == 'multi_step') != (modes[3] == 'multi_step'):
+  if backbone == 'spikformer' and (modes[2] == 'multi_step') != (modes[3] == 'multi_step'):
     raise ValueError(f'model.isps.tail={isps.tail!r}: proj_lif3 and rpe_lif add up to the token '
                      'map, so they must both be multi_step (a spike count) or both not (spikes)')
 
@@ -268,7 +298,8 @@ def _validate(s: ModelSpec):
   _choice(s.patch_embed, PATCH_EMBEDS, 'model.patch_embed')
   _choice(s.isps.reduce, ISPS_REDUCES, 'model.isps.reduce')
   _choice(s.isps.integrate_at, ISPS_INTEGRATE_AT, 'model.isps.integrate_at')
-  _validate_tail(s.isps)
+  _choice(s.backbone, BACKBONES, 'model.backbone')
+  _validate_tail(s.isps, s.backbone)
   _choice(s.halt.mode, halting.MODES, 'model.halt.mode')
   _choice(s.halt.prior, halting.PRIORS, 'model.halt.prior')
   _choice(s.neuron.surrogate, neurons.SURROGATES, 'model.neuron.surrogate')
@@ -287,7 +318,49 @@ def _validate(s: ModelSpec):
   for key in ('depth', 'timesteps', 'heads', 'num_classes', 'in_channels'):
     if getattr(s, key) < 1:
       raise ValueError(f'model.{key} must be >= 1, got {getattr(s, key)}')
+  _validate_backbone(s)
   if not 0 <= s.halt.channel < s.dim:
     raise ValueError(f'model.halt.channel={s.halt.channel} is outside [0, dim={s.dim})')
   if not 0 < s.halt.eps < 1:
     raise ValueError(f'model.halt.eps={s.halt.eps} must lie in (0, 1)')
+  _validate_controller(s.halt)
+
+
+def _validate_controller(hp: HaltSpec):
+  """The token-ratio controller's keys (`HaltSpec.target_token_ratio`, `ratio_gain`)."""
+  target = hp.target_token_ratio
+  if not 0 <= target <= 1:
+    raise ValueError(f'model.halt.target_token_ratio={target!r} must lie in (0, 1] (the share '
+                     'of (token, cell) slots processed), or be 0 to turn the controller off')
+  if target > 0 and hp.mode == 'none':
+    raise ValueError(f'model.halt.target_token_ratio={target!r} needs halting: set '
+                     "model.halt.mode (e.g. 'spatiotemporal'), or the target to 0")
+  if not hp.ratio_gain > 0:
+    raise ValueError(f'model.halt.ratio_gain={hp.ratio_gain!r} must be > 0 (the step of the '
+                     'offset per unit of token-ratio error)')
+
+
+def _validate_backbone(s: ModelSpec):
+  """The sizes SDT and QKFormer need beyond Spikformer's (docs/method.md section 3)."""
+  if s.proj_lif_over_batch and s.backbone != 'qkformer':
+    raise ValueError('model.proj_lif_over_batch reproduces a quirk of the QKFormer reference; '
+                     f"it has no meaning for model.backbone={s.backbone!r}")
+  if s.backbone == 'spikformer':
+    return
+  if s.geometry != 'cifar':
+    raise ValueError(f'model.backbone={s.backbone!r} has one block layout (1x1 convolutions); '
+                     "model.geometry names Spikformer's CIFAR or ImageNet layout: keep 'cifar'")
+  if s.backbone != 'qkformer':
+    return
+  if s.patch_size < 4:
+    raise ValueError(f'model.patch_size={s.patch_size}: QKFormer down-samples twice (patch '
+                     'embeddings 2 and 3), so the patch size is 4, or 8 or 16 with max-pools in '
+                     'patch_embed1')
+  if s.depth < 3:
+    raise ValueError(f'model.depth={s.depth}: QKFormer has one block in each of stages 1 and 2 '
+                     'and depth - 2 in stage 3, the halting encoder; give depth >= 3 (the '
+                     'demo-sized QKFormer: configs/demo_qkformer.py)')
+  if (s.dim // 4) % s.heads or s.dim % 4:
+    raise ValueError(f'model.dim={s.dim}: QKFormer stage 1 is dim / 4 wide and splits it into '
+                     f'model.heads={s.heads} heads; make dim / 4 a multiple of heads (the '
+                     'official code uses 8 heads whatever num_heads says)')

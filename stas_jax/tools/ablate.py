@@ -2,7 +2,8 @@
 of the full model, every row trained and evaluated with the same seeds and budget.
 
   python -m stas_jax.tools.ablate --config=configs/demo.py --out=runs/study --seeds=0,1,2 \
-      [--study_config=FILE] [--rows=sps-none,isps-spatiotemporal] [--t_sweep=1,2]
+      [--study_config=FILE] [--rows=sps-none,isps-spatiotemporal] [--t_sweep=1,2] \
+      [--weights=raw|ema]
 
 Each row is a few config overrides of the one base config, trained with
 `loop.train_and_evaluate` and evaluated with `stas_jax.tools.evaluate`: in OUT/<row> for the
@@ -10,7 +11,8 @@ base config's seed alone, in OUT/<row>/seed<k> for each of --seeds. Rerunning re
 that finished (their eval.json matches the run's config at the last step) and resumes a
 half-trained one from its checkpoint. Writes OUT/ablation.csv (a line per row: the mean and
 the sample std over seeds), OUT/ablation_runs.csv (a line per run), OUT/ablation.md,
-OUT/accuracy_energy.png and OUT/temporal_similarity.png.
+OUT/accuracy_energy.png and OUT/temporal_similarity.png. --weights=ema evaluates the weight
+EMA of each run (a base config with config.ema_decay > 0; reports in eval_ema.json).
 """
 import dataclasses
 import json
@@ -28,6 +30,7 @@ from ml_collections import config_flags
 
 from stas_jax.tools import evaluate
 from stas_jax.data import pipeline
+from stas_jax.train import evaluation
 from stas_jax.train import optim
 from stas_jax.train import preemption
 from stas_jax.train import run_files
@@ -164,10 +167,12 @@ def same_config(recorded: Any, current: Any) -> bool:
   return not run_differences(recorded, current)
 
 
-def finished_report(run_dir: str, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
-  """The run's eval.json if this code (`run_files.code_version`) evaluated this config
-  (`same_config`) at its last step; else the run is evaluated again (never retrained)."""
-  report = _read_json(os.path.join(run_dir, evaluate.EVAL_JSON))
+def finished_report(run_dir: str, config: ml_collections.ConfigDict,
+                    weights: str = 'raw') -> dict[str, Any] | None:
+  """The run's eval.json (eval_ema.json for the EMA `weights`) if this code
+  (`run_files.code_version`) evaluated this config (`same_config`) at its last step; else the
+  run is evaluated again (never retrained)."""
+  report = _read_json(os.path.join(run_dir, evaluate.REPORT_FILES[weights][0]))
   if (report is not None and same_config(report.get('config'), run_files.config_json(config))
       and report.get('code_version') == run_files.code_version()
       and report['step'] >= report['total_steps']):
@@ -244,7 +249,7 @@ def _program_key(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def evaluate_run(row: Row, config: ml_collections.ConfigDict, run_dir: str,
                  data: pipeline.DataBundle, run_plots: bool,
-                 trained_now: bool) -> dict[str, Any] | None:
+                 trained_now: bool, weights: str = 'raw') -> dict[str, Any] | None:
   """A trained run's eval report (reused if this code made it for this config), plus
   'train_wall_time_s', 'joint_runs' and 'reused' ('evaluation', 'training' or None); None for
   a run that stopped in training (ROW_INFO's 'failure')."""
@@ -252,25 +257,25 @@ def evaluate_run(row: Row, config: ml_collections.ConfigDict, run_dir: str,
   if info.get('failure'):
     logging.error('%s: %s stopped in training: %s', row.name, run_dir, info['failure'])
     return None
-  report = finished_report(run_dir, config)
+  report = finished_report(run_dir, config, weights)
   reused = 'evaluation'
   if report is None:
     reused = None if trained_now else 'training'
     logging.info('%s: evaluating %s', row.name, run_dir)
     report = evaluate.evaluate_run(run_dir, config, max_batches=-1, with_plots=run_plots,
-                                   data=data)
+                                   data=data, weights=weights)
   else:
     logging.info('%s: reusing the finished run in %s', row.name, run_dir)
   return dict(report, train_wall_time_s=info.get('train_wall_time_s'),
               joint_runs=info.get('joint_runs', 1), reused=reused)
 
 
-def runs_to_train(runs: list[tuple[ml_collections.ConfigDict, str]],
-                  total_steps: int) -> list[tuple[ml_collections.ConfigDict, str]]:
+def runs_to_train(runs: list[tuple[ml_collections.ConfigDict, str]], total_steps: int,
+                  weights: str = 'raw') -> list[tuple[ml_collections.ConfigDict, str]]:
   """The runs whose training is not finished (checking that none holds another config)."""
   out = []
   for config, run_dir in runs:
-    if finished_report(run_dir, config) is not None:
+    if finished_report(run_dir, config, weights) is not None:
       continue
     _check_not_stale(run_dir, config)
     if not training_finished(run_dir, total_steps):
@@ -280,7 +285,7 @@ def runs_to_train(runs: list[tuple[ml_collections.ConfigDict, str]],
 
 def run_study(base: ml_collections.ConfigDict, out: str,
               study: ml_collections.ConfigDict | None = None, joint: bool = True,
-              workers: int = 1) -> list[dict[str, Any]]:
+              workers: int = 1, weights: str = 'raw') -> list[dict[str, Any]]:
   """Runs (or reuses) every row of the study, then writes the table and figures.
 
   Args:
@@ -289,10 +294,16 @@ def run_study(base: ml_collections.ConfigDict, out: str,
     study: see `default_study`.
     joint, workers: how the runs train (`train_runs`): all runs of the study are planned first,
       trained, then evaluated row by row.
+    weights: evaluate the 'raw' weights or their 'ema' (needs base.ema_decay > 0).
 
   Returns:
     The table lines (as in ablation.csv).
+
+  Raises:
+    evaluation.NoEMAWeightsError: weights='ema' with a base config that keeps no EMA (checked
+      before anything trains).
   """
+  evaluation.check_weights(base, weights, 'this study (its base config)')
   study = default_study() if study is None else study
   start = time.monotonic()
   os.makedirs(out, exist_ok=True)
@@ -306,7 +317,7 @@ def run_study(base: ml_collections.ConfigDict, out: str,
                           for seed, run_dir in run_dirs(row, study.seeds)]
     for config, run_dir in row_runs[row.name]:
       unique.setdefault(run_dir, config)
-  to_train = runs_to_train([(c, d) for d, c in unique.items()], steps)
+  to_train = runs_to_train([(c, d) for d, c in unique.items()], steps, weights)
   logging.info('Study of %d rows, %d runs: %d to train', len(rows), len(unique), len(to_train))
   if to_train:
     train_runs(to_train, joint, workers)
@@ -319,7 +330,7 @@ def run_study(base: ml_collections.ConfigDict, out: str,
     for config, run_dir in row_runs[row.name]:
       if run_dir not in by_dir:
         by_dir[run_dir] = evaluate_run(row, config, run_dir, data, study.run_plots,
-                                       run_dir in trained)
+                                       run_dir in trained, weights)
     runs = row_runs[row.name]
     reports[row.name] = [by_dir[d] for _, d in runs if by_dir[d] is not None]
     failed += [f'{row.name} seed {c.seed}' for c, d in runs if by_dir[d] is None]
@@ -350,6 +361,8 @@ def define_flags():
   flags.DEFINE_bool('joint', True, 'Train the seeds of a row side by side in one compiled '
                     'program (the train state stacked on a replica axis); --nojoint trains '
                     'them one after the other.')
+  flags.DEFINE_enum('weights', 'raw', ['raw', 'ema'], 'Evaluate the trained weights (raw) or '
+                    'their moving average (ema; needs config.ema_decay > 0).')
   flags.DEFINE_list('seeds', None, 'Seeds of every row, e.g. 0,1,2: runs in OUT/<row>/seed<k> '
                     "and mean +- std in the table (default: the study config's; none: the base "
                     "config's seed, in OUT/<row>).")
@@ -369,14 +382,14 @@ def main(argv):
   if f.seeds is not None:
     study.seeds = tuple(int(k) for k in f.seeds)
   try:
-    run_study(f.config, f.out, study, joint=f.joint, workers=f.workers)
+    run_study(f.config, f.out, study, joint=f.joint, workers=f.workers, weights=f.weights)
   except KeyboardInterrupt as e:  # the workers saved a checkpoint each (workers.py)
     sys.exit(f'\nInterrupted ({e}): rerun the same ablate command to resume the runs.')
   except preemption.TrainingInterrupted as e:
     logging.warning('%s (rerun the same ablate command: finished rows are reused)', e)
     sys.exit(128 + e.signum)
   except (loop.NonFiniteLossError, pipeline.DatasetUnavailableError,
-          StaleRunError, train_workers.WorkerError) as e:
+          StaleRunError, train_workers.WorkerError, evaluation.NoEMAWeightsError) as e:
     sys.exit(f'\nERROR: {e}')
   with open(os.path.join(f.out, study_report.MD)) as fh:
     print(fh.read())

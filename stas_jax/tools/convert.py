@@ -1,5 +1,7 @@
-"""Imports PyTorch Spikformer checkpoints (ZK-Zhou/spikformer `cifar10/model.py` or
-`imagenet/model.py`) into stas-jax variables, exports them back, and saves them with orbax.
+"""Imports PyTorch checkpoints of the three backbones (Spikformer: ZK-Zhou/spikformer
+`cifar10/model.py` or `imagenet/model.py`; SDT v1: BICLab/Spike-Driven-Transformer; QKFormer:
+zhouchenlin2096/QKFormer `cifar10/model.py`) into stas-jax variables, exports them back, and saves
+them with orbax. `config.model.backbone` names the checkpoint's backbone.
 
 Usage (the config must describe the checkpoint's model; heads, patch size and image size are
 not stored in the weights):
@@ -11,6 +13,8 @@ not stored in the weights):
       --config.model.geometry=imagenet --config.model.image_size=224 \
       --config.model.patch_size=16 --config.model.dim=512 --config.model.depth=8 \
       --config.model.heads=8 --config.model.num_classes=1000
+  python -m stas_jax.tools.convert sdt-2-512.pth.tar /tmp/sdt --config=configs/cifar10_sdt.py
+  python -m stas_jax.tools.convert qkformer.pth.tar /tmp/qk --config=configs/cifar10_qkformer.py
 
 `restore_converted(out_dir, config.model)` then returns {'params', 'batch_stats'}. Only
 `torch.load(..., weights_only=True)` is used, so a checkpoint whose pickle carries code is refused.
@@ -38,13 +42,18 @@ IGNORED_KEYS = (
     re.compile(r'^block\.\d+\.norm[12]\.(weight|bias)$'),
     re.compile(r'(^|\.)num_batches_tracked$'),
 )
+# Further unused entries by backbone: SDT builds a talking-heads Conv1d that its forward never
+# calls (its talking_heads_lif takes the column sums directly).
+BACKBONE_IGNORED_KEYS = {
+    'sdt': (re.compile(r'^block\.\d+\.attn\.talking_heads\.weight$'),),
+}
 # Wrappers that training scripts put around the state_dict, in the order they are tried.
 WRAPPER_KEYS = ('state_dict', 'model', 'state_dict_ema')
 _DDP_PREFIX = 'module.'
-# Parameters that exist only in STAS (halting), filled from the config: no Spikformer has them.
+# Parameters that exist only in STAS (halting), filled from the config: no backbone has them.
 _STAS_ONLY = {'halt_gamma': lambda s: s.halt.gamma, 'halt_beta': lambda s: s.halt.beta}
 # ModelSpec fields that change the parameters or the meaning of the weights.
-_BACKBONE_KEYS = ('geometry', 'in_channels', 'num_classes', 'patch_size', 'dim', 'depth', 'heads',
+_BACKBONE_KEYS = ('backbone', 'geometry', 'in_channels', 'num_classes', 'patch_size', 'dim', 'depth', 'heads',
                   'mlp_ratio')
 _ATTN_LAYERS = ('q', 'k', 'v', 'proj')
 _MLP_LAYERS = ('fc1', 'fc2')
@@ -104,17 +113,30 @@ def _torch_shape(layout: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _block_torch_name(spec: ModelSpec, module: str) -> tuple[str, str]:
-  """Flax block module -> (PyTorch name under `block.<l>.`, layout of its weight)."""
+  """Flax encoder-block module -> (PyTorch name under the block's prefix, layout of its weight)."""
   prefix, kind = module.rsplit('_', 1)
   if prefix not in _ATTN_LAYERS + _MLP_LAYERS:
     raise ValueError(f'block module {module!r} has no PyTorch counterpart')
   group = 'attn' if prefix in _ATTN_LAYERS else 'mlp'
+  if spec.backbone == 'qkformer':  # stage 3: `ssa` with Conv1d q, k, v, proj; mlp1 / mlp2
+    group, prefix = ('ssa', prefix) if group == 'attn' else ('mlp', {'fc1': 'mlp1',
+                                                                     'fc2': 'mlp2'}[prefix])
+    if kind == 'bn':
+      return f'{group}.{prefix}_bn', 'same'
+    return f'{group}.{prefix}_conv', 'conv1d_1' if group == 'ssa' else 'conv2d_1x1'
   if kind == 'bn':
     return f'{group}.{prefix}_bn', 'same'
+  if spec.backbone == 'sdt':  # every block layer a Conv2d(1x1)
+    return f'{group}.{prefix}_conv', 'conv2d_1x1'
   if spec.geometry == 'cifar':
     return f'{group}.{prefix}_linear', 'linear'
   # ImageNet: attention uses Conv1d(k=1) on (B, C, N), the MLP Conv2d(1x1) on (B, C, H, W).
   return f'{group}.{prefix}_conv', 'conv1d_1' if group == 'attn' else 'conv2d_1x1'
+
+
+def _block_prefix(spec: ModelSpec, layer: int) -> str:
+  """The PyTorch prefix of encoder block `layer`: `block.<l>`, QKFormer's `stage3.<l>`."""
+  return f'stage3.{layer}' if spec.backbone == 'qkformer' else f'block.{layer}'
 
 
 def _leaf_suffix(collection: str, module: str, leaf: str) -> str:
@@ -125,6 +147,21 @@ def _leaf_suffix(collection: str, module: str, leaf: str) -> str:
   return {'kernel': 'weight', 'bias': 'bias'}[leaf]
 
 
+def _qkformer_embed_name(path: Path, collection: str, ndim: int) -> tuple[str, str]:
+  """QKFormer's modules before stage 3 (`qkformer.Tokenizer`): path below `patch_embed` ->
+  (PyTorch key, layout). Stages 1 and 2 have one block each (index 0)."""
+  if path[0].startswith('stage'):
+    stage, sub, module, leaf = path
+    key = f'{stage}.0.{sub}.{module}.{_leaf_suffix(collection, module, leaf)}'
+    conv = 'conv1d_1' if sub == 'tssa' else 'conv2d_1x1'  # Token_QK_Attention uses Conv1d
+  else:
+    stage, module, leaf = path
+    key = f'{stage}.{module}.{_leaf_suffix(collection, module, leaf)}'
+    conv = 'conv2d' if ndim == 4 else 'conv2d_1x1'
+  layout = conv if leaf == 'kernel' else 'same'
+  return key, layout
+
+
 def _entries(spec: ModelSpec, target: Mapping[str, Any]) -> list[_Entry]:
   """Every PyTorch tensor the model needs, derived from the model's own variable tree."""
   entries = []
@@ -133,7 +170,10 @@ def _entries(spec: ModelSpec, target: Mapping[str, Any]) -> list[_Entry]:
     collection, top = path[0], path[1]
     if collection == 'params' and top in _STAS_ONLY:
       continue
-    if top == 'patch_embed':
+    if top == 'patch_embed' and spec.backbone == 'qkformer':
+      key, layout = _qkformer_embed_name(path[2:], collection, len(leaf.shape))
+      entries.append(_Entry(key, path, None, layout, _torch_shape(layout, leaf.shape)))
+    elif top == 'patch_embed':
       module, name = path[2], path[3]
       layout = 'conv2d' if re.search(r'_conv\d*$', module) else 'same'
       key = f'patch_embed.{module}.{_leaf_suffix(collection, module, name)}'
@@ -149,8 +189,8 @@ def _entries(spec: ModelSpec, target: Mapping[str, Any]) -> list[_Entry]:
         layout = 'same'
       suffix = _leaf_suffix(collection, module, name)
       shape = _torch_shape(layout, leaf.shape[1:])
-      entries.extend(_Entry(f'block.{l}.{torch_name}.{suffix}', path, l, layout, shape)
-                     for l in range(leaf.shape[0]))
+      entries.extend(_Entry(f'{_block_prefix(spec, l)}.{torch_name}.{suffix}', path, l, layout,
+                            shape) for l in range(leaf.shape[0]))
     else:
       raise ValueError(f'variable {"/".join(path)} has no PyTorch counterpart')
   return entries
@@ -163,19 +203,23 @@ def strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def infer_sizes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-  """Model sizes that a Spikformer state_dict reveals (heads, patch and image size it does not).
+  """Model sizes that a state_dict reveals (heads, patch and image size it does not).
 
   Returns:
-    A dict with whichever of geometry, depth, dim, mlp_ratio, in_channels, num_classes could
-    be read off the key names and shapes.
+    A dict with whichever of backbone, geometry, depth, dim, mlp_ratio, in_channels,
+    num_classes could be read off the key names and shapes.
   """
   sd = strip_prefix(state_dict)
   sizes = {}
   shape = lambda k: tuple(np.shape(sd[k]))
-  if any(re.match(r'^block\.\d+\.attn\.q_conv\.', k) for k in sd):
-    sizes['geometry'] = 'imagenet'
+  if any(k.startswith(('patch_embed1.', 'stage3.')) for k in sd):
+    return _infer_qkformer_sizes(sd)
+  if any(re.match(r'^block\.\d+\.attn\.talking_heads\.', k) for k in sd):
+    sizes['backbone'], sizes['geometry'] = 'sdt', 'cifar'
+  elif any(re.match(r'^block\.\d+\.attn\.q_conv\.', k) for k in sd):
+    sizes['backbone'], sizes['geometry'] = 'spikformer', 'imagenet'
   elif any(re.match(r'^block\.\d+\.attn\.q_linear\.', k) for k in sd):
-    sizes['geometry'] = 'cifar'
+    sizes['backbone'], sizes['geometry'] = 'spikformer', 'cifar'
   blocks = {int(m.group(1)) for m in (re.match(r'^block\.(\d+)\.', k) for k in sd) if m}
   if blocks:
     sizes['depth'] = max(blocks) + 1
@@ -183,10 +227,31 @@ def infer_sizes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     sizes['dim'] = shape('patch_embed.rpe_conv.weight')[0]
   fc1 = [k for k in ('block.0.mlp.fc1_linear.weight', 'block.0.mlp.fc1_conv.weight') if k in sd]
   if fc1 and 'dim' in sizes and sizes['dim']:
-    ratio = shape(fc1[0])[0] / sizes['dim']
-    sizes['mlp_ratio'] = int(ratio) if ratio == int(ratio) else ratio
+    sizes['mlp_ratio'] = _ratio(shape(fc1[0])[0], sizes['dim'])
   if 'patch_embed.proj_conv.weight' in sd:
     sizes['in_channels'] = shape('patch_embed.proj_conv.weight')[1]
+  if 'head.weight' in sd:
+    sizes['num_classes'] = shape('head.weight')[0]
+  return sizes
+
+
+def _ratio(hidden: int, dim: int):
+  ratio = hidden / dim
+  return int(ratio) if ratio == int(ratio) else ratio
+
+
+def _infer_qkformer_sizes(sd: Mapping[str, Any]) -> dict[str, Any]:
+  """`infer_sizes` for a QKFormer state_dict: depth counts stages 1 and 2 (the official depths)."""
+  shape = lambda k: tuple(np.shape(sd[k]))
+  sizes = {'backbone': 'qkformer', 'geometry': 'cifar'}
+  blocks = {int(m.group(1)) for m in (re.match(r'^stage3\.(\d+)\.', k) for k in sd) if m}
+  sizes['depth'] = (max(blocks) + 1 if blocks else 0) + 2
+  if 'patch_embed3.proj4_conv.weight' in sd:
+    sizes['dim'] = shape('patch_embed3.proj4_conv.weight')[0]
+    if 'stage3.0.mlp.mlp1_conv.weight' in sd:
+      sizes['mlp_ratio'] = _ratio(shape('stage3.0.mlp.mlp1_conv.weight')[0], sizes['dim'])
+  if 'patch_embed1.proj_conv.weight' in sd:
+    sizes['in_channels'] = shape('patch_embed1.proj_conv.weight')[1]
   if 'head.weight' in sd:
     sizes['num_classes'] = shape('head.weight')[0]
   return sizes
@@ -200,14 +265,16 @@ def _size_hint(spec: ModelSpec, state_dict: Mapping[str, Any]) -> str:
   text = f'The checkpoint looks like: {read}.'
   if differ:
     text += ' Set ' + '; '.join(differ) + '.'
-  return (text + ' Check model.geometry, dim, depth, mlp_ratio, in_channels and num_classes; '
-          'heads, patch_size and image_size are not stored in the weights, take them from the '
-          "checkpoint's training config.")
+  return (text + ' Check model.backbone, geometry, dim, depth, mlp_ratio, in_channels and '
+          'num_classes; heads, patch_size and image_size are not stored in the weights, take '
+          "them from the checkpoint's training config.")
 
 
-def is_ignored_key(key: str) -> bool:
-  """Whether a PyTorch state_dict key is one the JAX model has no use for (`IGNORED_KEYS`)."""
-  return any(p.search(key) for p in IGNORED_KEYS)
+def is_ignored_key(key: str, backbone: str = 'spikformer') -> bool:
+  """Whether a PyTorch state_dict key of `backbone` is one the JAX model has no use for
+  (`IGNORED_KEYS`, `BACKBONE_IGNORED_KEYS`)."""
+  patterns = IGNORED_KEYS + BACKBONE_IGNORED_KEYS.get(backbone, ())
+  return any(p.search(key) for p in patterns)
 
 
 def _set(tree: dict[str, Any], path: Path, value: Any) -> None:
@@ -217,7 +284,7 @@ def _set(tree: dict[str, Any], path: Path, value: Any) -> None:
 
 
 def from_pytorch(state_dict: Mapping[str, Any], model_config) -> dict[str, Any]:
-  """Converts a Spikformer state_dict into this model's variables.
+  """Converts a state_dict of the backbone `model_config.backbone` into this model's variables.
 
   Args:
     state_dict: PyTorch parameter name -> array (numpy, or anything `np.asarray` takes), as
@@ -239,7 +306,8 @@ def from_pytorch(state_dict: Mapping[str, Any], model_config) -> dict[str, Any]:
   entries = _entries(spec, target)
   expected = {e.torch_key: e for e in entries}
   missing = sorted(k for k in expected if k not in sd)
-  unknown = sorted(k for k in sd if k not in expected and not is_ignored_key(k))
+  ignore = lambda k: is_ignored_key(k, spec.backbone)
+  unknown = sorted(k for k in sd if k not in expected and not ignore(k))
   misshaped = sorted(f'{k}: checkpoint {np.shape(sd[k])}, model expects {e.torch_shape}'
                      for k, e in expected.items()
                      if k in sd and tuple(np.shape(sd[k])) != e.torch_shape)
@@ -250,7 +318,7 @@ def from_pytorch(state_dict: Mapping[str, Any], model_config) -> dict[str, Any]:
     raise ValueError('The PyTorch state_dict does not fit the model config: '
                      + '; '.join(parts) + '\n' + _size_hint(spec, sd))
 
-  ignored = sorted(k for k in sd if is_ignored_key(k))
+  ignored = sorted(k for k in sd if ignore(k))
   logging.info('Converting %d PyTorch tensors; ignoring %d unused ones (%s)', len(expected),
                len(ignored), ', '.join(ignored[:3] + ['...'] * (len(ignored) > 3)))
   out: dict[str, Any] = {}
@@ -274,10 +342,11 @@ def from_pytorch(state_dict: Mapping[str, Any], model_config) -> dict[str, Any]:
 
 
 def to_pytorch(variables: Mapping[str, Any], model_config) -> dict[str, Array]:
-  """Exports variables to a state_dict that the reference Spikformer loads with strict=True.
+  """Exports variables to a state_dict that the reference backbone loads with strict=True.
 
-  The unused LayerNorms get their initial values (weight 1, bias 0) and `num_batches_tracked`
-  is 0; halting parameters (STAS only) are dropped.
+  Entries the reference builds but never reads get fixed values: Spikformer's LayerNorms their
+  initial ones (weight 1, bias 0), SDT's talking-heads Conv1d zeros; `num_batches_tracked` is 0;
+  halting parameters (STAS only) are dropped.
 
   Args:
     variables: {'params', 'batch_stats'} of a model built from `model_config`.
@@ -297,10 +366,14 @@ def to_pytorch(variables: Mapping[str, Any], model_config) -> dict[str, Array]:
   for key in list(sd):
     if key.endswith('.running_var'):
       sd[key[:-len('running_var')] + 'num_batches_tracked'] = np.zeros((), np.int64)
-  for l in range(spec.depth):
-    for norm in ('norm1', 'norm2'):
-      sd[f'block.{l}.{norm}.weight'] = np.ones((spec.dim,), np.float32)
-      sd[f'block.{l}.{norm}.bias'] = np.zeros((spec.dim,), np.float32)
+  for l in range(spec.encoder_depth):
+    if spec.backbone == 'spikformer':
+      for norm in ('norm1', 'norm2'):
+        sd[f'block.{l}.{norm}.weight'] = np.ones((spec.dim,), np.float32)
+        sd[f'block.{l}.{norm}.bias'] = np.zeros((spec.dim,), np.float32)
+    elif spec.backbone == 'sdt':
+      sd[f'block.{l}.attn.talking_heads.weight'] = np.zeros((spec.heads, spec.heads, 1),
+                                                            np.float32)
   return sd
 
 
@@ -331,7 +404,7 @@ def _unpickling_reason(error: Exception) -> str:
 
 
 def load_pytorch_checkpoint(path: str, key: str | None = None) -> dict[str, Array]:
-  """Reads a `.pth` / `.pth.tar` Spikformer checkpoint into numpy arrays, without running code.
+  """Reads a `.pth` / `.pth.tar` checkpoint into numpy arrays, without running code.
 
   `torch.load(weights_only=True)` only rebuilds tensors and plain containers (plus
   argparse.Namespace, which timm's checkpoint saver stores as `args`); a pickle that would

@@ -2,9 +2,11 @@
 token ratio per (t, l) cell and temporal similarity, written to RUN/eval.json and RUN/eval.md.
 
   python -m stas_jax.tools.evaluate --workdir=runs/demo [--config=configs/demo.py] [--early_exit]
-      [--plots] [--max_batches=N]
+      [--plots] [--max_batches=N] [--weights=raw|ema]
 
-The config comes from RUN/config.json unless --config is given. --early_exit also runs
+The config comes from RUN/config.json unless --config is given. --weights=ema evaluates the
+moving average of the weights (runs trained with config.ema_decay > 0) and writes
+RUN/eval_ema.json and RUN/eval_ema.md instead, beside the raw weights' report. --early_exit also runs
 `stas_jax.model.early_exit.apply` (same predictions) and times it against the dense forward pass;
 --plots writes RUN/plots/*.png.
 """
@@ -12,6 +14,7 @@ import functools
 import json
 import logging as std_logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -36,6 +39,8 @@ from stas_jax.train import steps
 from stas_jax.tools import timing
 
 EVAL_JSON, EVAL_MD, PLOTS_DIR = 'eval.json', 'eval.md', 'plots'
+# The report files of each choice of weights (`evaluation.WEIGHTS`).
+REPORT_FILES = {'raw': (EVAL_JSON, EVAL_MD), 'ema': ('eval_ema.json', 'eval_ema.md')}
 NUM_PLOT_IMAGES = 4
 
 
@@ -120,8 +125,10 @@ def _early_exit_report(model, variables, ctx, batches) -> dict[str, Any]:
 def evaluate_run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
                  max_batches: int | None = None, with_early_exit: bool = False,
                  with_plots: bool = False, num_plot_images: int = NUM_PLOT_IMAGES,
-                 data: pipeline.DataBundle | None = None) -> dict[str, Any]:
-  """Evaluates the latest checkpoint of `workdir` on the test split; writes eval.json / eval.md.
+                 data: pipeline.DataBundle | None = None,
+                 weights: str = 'raw') -> dict[str, Any]:
+  """Evaluates the latest checkpoint of `workdir` on the test split; writes eval.json / eval.md
+  (`REPORT_FILES[weights]`).
 
   Args:
     workdir: a training work directory (checkpoints/, config.json).
@@ -131,14 +138,16 @@ def evaluate_run(workdir: str, config: ml_collections.ConfigDict | None = None, 
     with_plots: write RUN/plots/{halting_heatmap,temporal_similarity,token_ratio_cells}.png.
     num_plot_images: test images in the halting heat map.
     data: an input pipeline for this config (built if None).
+    weights: 'raw' or 'ema' (the weight EMA of a run trained with config.ema_decay > 0;
+      `evaluation.NoEMAWeightsError` for a run without one).
 
   Returns:
     The report written to RUN/eval.json: 'step', 'total_steps', 'count', 'top1', 'top5',
     'loss', 'token_ratio', 'timesteps', 'energy_mj', 'energy_split_mj' {patch_embed,
     attention, mlp, head}, 'sops' {group/layer}, 'firing_rates' {layer}, 'token_ratio_per_cell'
     (T x L), 'temporal_similarity' (L x T-1, tokens active at both steps),
-    'temporal_similarity_all_tokens' (L x T-1), 'config', 'code_version', 'eval_wall_time_s', and
-    'early_exit' / 'plots' when asked for.
+    'temporal_similarity_all_tokens' (L x T-1), 'weights', 'config', 'code_version',
+    'eval_wall_time_s', and 'early_exit' / 'plots' when asked for.
   """
   start = time.monotonic()
   config = run_files.load_config(workdir) if config is None else config
@@ -146,7 +155,7 @@ def evaluate_run(workdir: str, config: ml_collections.ConfigDict | None = None, 
     data = pipeline.create_datasets(config, process_index=0, process_count=1)
   if max_batches is None:
     max_batches = config.get('steps_per_eval', -1)
-  model, variables, step = evaluation.restore(config, workdir)
+  model, variables, step = evaluation.restore(config, workdir, weights)
   ctx = steps.StepContext(config=config, mean=data.mean, std=data.std,
                           num_classes=data.num_classes)
   run_batch = _batch_sums_fn(model, ctx)
@@ -175,12 +184,14 @@ def evaluate_run(workdir: str, config: ml_collections.ConfigDict | None = None, 
     report['early_exit'] = _early_exit_report(model, variables, ctx, batches)
   if with_plots:
     report['plots'] = write_plots(workdir, report, model.spec.halt.mode, first, num_plot_images)
+  report['weights'] = weights
   report['config'] = run_files.config_json(config)
   report['code_version'] = run_files.code_version()
   report['eval_wall_time_s'] = time.monotonic() - start
-  with open(os.path.join(workdir, EVAL_JSON), 'w') as f:
+  json_name, md_name = REPORT_FILES[weights]
+  with open(os.path.join(workdir, json_name), 'w') as f:
     json.dump(report, f, indent=1, allow_nan=True)
-  with open(os.path.join(workdir, EVAL_MD), 'w') as f:
+  with open(os.path.join(workdir, md_name), 'w') as f:
     f.write(format_markdown(report))
   return report
 
@@ -217,7 +228,8 @@ def format_markdown(report: dict[str, Any]) -> str:
   firing rates."""
   m = report['config']['model']
   steps, depth = m['timesteps'], m['depth']
-  md = [f"# Evaluation of {report['workdir']}\n",
+  which = ' (EMA weights)' if report.get('weights') == 'ema' else ''
+  md = [f"# Evaluation of {report['workdir']}{which}\n",
         f"Step {report['step']} of {report['total_steps']}; {int(report['count'])} test images; "
         f"patch embedding `{m['patch_embed']}`, halting `{m['halt']['mode']}`, T = {steps}, "
         f"L = {depth}, dim {m['dim']}.\n"]
@@ -277,11 +289,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  report = evaluate_run(f.workdir, f.config, max_batches=f.max_batches,
-                        with_early_exit=f.early_exit, with_plots=f.plots)
+  try:
+    report = evaluate_run(f.workdir, f.config, max_batches=f.max_batches,
+                          with_early_exit=f.early_exit, with_plots=f.plots, weights=f.weights)
+  except evaluation.NoEMAWeightsError as e:
+    sys.exit(f'ERROR: {e}')
   print(format_markdown(report))
-  logging.info('Wrote %s and %s', os.path.join(f.workdir, EVAL_JSON),
-               os.path.join(f.workdir, EVAL_MD))
+  logging.info('Wrote %s and %s', *(os.path.join(f.workdir, name)
+                                    for name in REPORT_FILES[f.weights]))
 
 
 def define_flags():
@@ -294,6 +309,9 @@ def define_flags():
   flags.DEFINE_bool('plots', False, 'Write RUN/plots/*.png.')
   flags.DEFINE_integer('max_batches', None, 'Evaluate at most N test batches (-1: all); '
                        'default: config.steps_per_eval.')
+  flags.DEFINE_enum('weights', 'raw', list(evaluation.WEIGHTS), 'raw: the trained weights; '
+                    'ema: their moving average (runs trained with config.ema_decay > 0), '
+                    'reported in RUN/eval_ema.json and RUN/eval_ema.md.')
 
 
 if __name__ == '__main__':

@@ -9,6 +9,7 @@ of them see; arrays must be global (`parallel`'s strategies give them so).
 """
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -16,8 +17,10 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import grain.python as grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -26,6 +29,9 @@ _MAX_ERROR_CHARS = 400
 _DATA = 'data'  # the item that holds the data-iterator position
 _DATA_FILE = re.compile(r'process_\d+-of-(\d+)\.json')  # one process's file (grain)
 _LEGACY_DATA_KEY = 'data_iterator_states'  # meta key of steps written without a `data` item
+# Key of the meta dict `restore` returns when the saved state lacked some of the target's
+# top-level fields (a list of their names), e.g. a step written before the field existed.
+MISSING_FIELDS_KEY = 'state_fields_not_saved'
 
 
 class CheckpointError(RuntimeError):
@@ -103,6 +109,42 @@ def _abstract_leaf(leaf: Any) -> jax.ShapeDtypeStruct:
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.ShapeDtypeStruct(
       shape, jax.dtypes.canonicalize_dtype(dtype), sharding=sharding)
+
+
+def _fields(tree: Any) -> dict[str, Any] | None:
+  """The top-level fields of a state: a dict's items or a (flax struct) dataclass's pytree
+  fields; None for any other pytree."""
+  if isinstance(tree, dict):
+    return dict(tree)
+  if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+    return {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)
+            if f.metadata.get('pytree_node', True)}
+  return None
+
+
+def _with_fields(tree: Any, fields: dict[str, Any]) -> Any:
+  """`tree` (a dict or dataclass, see `_fields`) with its top-level fields replaced."""
+  return {**tree, **fields} if isinstance(tree, dict) else dataclasses.replace(tree, **fields)
+
+
+def _concrete(leaf: Any) -> Any:
+  """An abstract leaf (`jax.ShapeDtypeStruct`) as zeros of its shape, dtype and sharding."""
+  if not isinstance(leaf, jax.ShapeDtypeStruct):
+    return leaf
+  zeros = np.zeros(leaf.shape, leaf.dtype)
+  return jax.device_put(zeros, leaf.sharding) if leaf.sharding is not None else jnp.asarray(zeros)
+
+
+def _has_leaves(tree: Any) -> bool:
+  return bool(jax.tree.leaves(tree))
+
+
+def _saved_empty(entry: Any) -> bool:
+  """Whether a saved subtree's metadata is an empty container: orbax writes an empty dict as
+  a placeholder entry (`skip_deserialize`), not as a dict."""
+  if isinstance(entry, dict):
+    return all(_saved_empty(v) for v in entry.values())
+  return bool(getattr(entry, 'skip_deserialize', False))
 
 
 def abstract_target(target_state: Any) -> Any:
@@ -210,6 +252,12 @@ class Checkpointer:
       data_iterator: a fresh grain iterator of the same pipeline, moved to the saved position
         (from the `data` item, or from `meta['data_iterator_states']` in older steps).
 
+    A top-level field of `target_state` (a dict or dataclass) that the step lacks or holds
+    empty (a step written before the field existed, or with its option off) is not read: it
+    keeps the target's value (zeros where the target is abstract); if that value is not empty,
+    one line says so and the returned meta names the field under `MISSING_FIELDS_KEY`
+    (`steps.complete_restored` starts such fields afresh).
+
     Returns:
       `(state, meta)`: state has `target_state`'s structure with jax array leaves.
 
@@ -222,7 +270,17 @@ class Checkpointer:
       raise CheckpointError(
           f'No checkpoint for step {step} in {self.directory}; '
           f'saved steps: {self.all_steps()}.')
-    items = {'state': ocp.args.StandardRestore(abstract_target(target_state)),
+    try:
+      saved, missing = self._missing_fields(step, target_state)
+    except Exception as e:  # An unreadable step: its metadata too may be broken.
+      raise CheckpointError(f'Cannot restore {self.step_dir(step)}: {_short(e)}') from e
+    fields = _fields(target_state)
+    unread = [k for k in fields or {} if k not in saved or k in missing]
+    target = target_state
+    if unread:
+      # The saved tree's structure: fields it holds empty stay empty, absent ones are left out.
+      target = {k: {} if k in missing else v for k, v in fields.items() if k in saved}
+    items = {'state': ocp.args.StandardRestore(abstract_target(target)),
              'meta': ocp.args.JsonRestore()}
     data_dir = os.path.join(self.step_dir(step), _DATA)
     with_data = data_iterator is not None and os.path.isdir(data_dir)
@@ -242,7 +300,28 @@ class Checkpointer:
     except Exception as e:  # Orbax, tensorstore and grain raise many types for bad files.
       raise CheckpointError(
           f'Cannot restore {self.step_dir(step)}: {_short(e)}') from e
-    return restored.state, restored.meta
+    if not unread:
+      return restored.state, restored.meta
+    kept = {k: jax.tree.map(_concrete, fields[k]) for k in unread}
+    state = _with_fields(target_state, {**restored.state, **kept})
+    if not missing:  # only fields that are empty in the target too
+      return state, restored.meta
+    logging.info('Step %d of %s has no saved %s: taken from the fresh state.', step,
+                 self.directory, ', '.join(missing))
+    return state, {**restored.meta, MISSING_FIELDS_KEY: missing}
+
+  def _missing_fields(self, step: int, target_state: Any) -> tuple[set[str], list[str]]:
+    """The names of the top-level fields saved at `step`, and those of the non-empty fields of
+    `target_state` that the step cannot fill (absent there, or empty there); (set(), []) for
+    a target without fields."""
+    fields = _fields(target_state)
+    if fields is None:
+      return set(), []
+    saved = ocp.StandardCheckpointHandler().metadata(epath.Path(self.step_dir(step)) / 'state')
+    saved = dict(saved.items()) if hasattr(saved, 'items') else {}
+    missing = sorted(k for k, v in fields.items()
+                     if _has_leaves(v) and (k not in saved or _saved_empty(saved[k])))
+    return set(saved), missing
 
   def _check_process_count(self, step: int, written_by: int) -> None:
     if written_by != jax.process_count():

@@ -127,25 +127,59 @@ def grouped(metrics: dict[str, float]) -> dict[str, Any]:
   return out
 
 
-def restore(config: ml_collections.ConfigDict, workdir: str
+WEIGHTS = ('raw', 'ema')  # which weights of a run to evaluate (`restore`)
+
+
+class NoEMAWeightsError(ValueError):
+  """The EMA weights of a run that keeps none (config.ema_decay = 0) were asked for."""
+
+
+def check_weights(config: ml_collections.ConfigDict, weights: str, what: str) -> None:
+  """Raises unless `weights` is one of `WEIGHTS` that runs of `config` keep.
+
+  Raises:
+    ValueError: an unknown `weights`.
+    NoEMAWeightsError: 'ema' for a config without EMA; the message names `what` (the run).
+  """
+  if weights not in WEIGHTS:
+    raise ValueError(f'weights={weights!r}; choose one of {WEIGHTS}')
+  if weights == 'ema' and steps.ema_decay(config) == 0:
+    raise NoEMAWeightsError(f'{what} has no EMA weights (config.ema_decay is 0): use '
+                            '--weights=raw, or train with --config.ema_decay (e.g. 0.999)')
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str, weights: str = 'raw'
             ) -> tuple[network.STAS, dict[str, Any], int]:
   """The newest readable checkpoint of a run, for inference.
 
+  Args:
+    config: the run's config.
+    workdir: the run directory.
+    weights: 'raw' (the trained parameters and statistics) or 'ema' (their moving average,
+      kept with `config.ema_decay` > 0).
+
   Returns:
-    (model, {'params', 'batch_stats'}, step).
+    (model, {'params', 'batch_stats'} (and the token-ratio controller's state if any), step).
 
   Raises:
     FileNotFoundError: `workdir/checkpoints` holds no checkpoint.
+    NoEMAWeightsError: weights='ema' for a run that keeps no EMA (`check_weights`).
     checkpoint.CheckpointError: checkpoints exist but none can be restored.
   """
+  check_weights(config, weights, f'the run in {workdir}')
+  ema = steps.ema_decay(config) > 0
   model = network.create_model(config.model)
   # The optimiser state only has to match in structure, so any schedule will do.
   tx = optim.create_optimizer(config, optax.constant_schedule(0.0))
-  target = jax.eval_shape(lambda: steps.create_train_state(model, jax.random.key(0), tx))
+  target = jax.eval_shape(lambda: steps.create_train_state(model, jax.random.key(0), tx,
+                                                           ema=ema))
   directory = os.path.join(workdir, 'checkpoints')
   with checkpoint.Checkpointer(directory, async_save=False) as ckpt:
     restored = ckpt.restore_latest(target)
   if restored is None:
     raise FileNotFoundError(f'no checkpoint in {directory}')
-  state, _, step = restored
+  state, meta, step = restored
+  state = steps.complete_restored(state, meta.get(checkpoint.MISSING_FIELDS_KEY, []))
+  if weights == 'ema':
+    state = state.ema_view()
   return model, state.variables, step

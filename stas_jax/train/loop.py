@@ -150,6 +150,8 @@ def _log_train(run: _Run, p: _Progress) -> None:
     rep.log.write({'step': p.step, 'epoch': epoch, 'kind': 'train', **rep.train_summary})
     t = rep.train_summary
     energy = f' energy {t["train/energy"]:.2f} uJ' if 'train/energy' in t else ''
+    if 'train/halt_offset' in t:
+      energy += f' halt offset {t["train/halt_offset"]:+.3f}'
     logging.info(
         '%sstep %d/%d (epoch %.2f): loss %.4f (ce %.4f ponder %.3f dist %.3f%s) acc %.3f '
         'tokens %.3f lr %.2e | %.1f img/s, ETA %s', run.prefix(rep), p.step, run.total_steps,
@@ -167,14 +169,23 @@ def _evaluate(run: _Run, p: _Progress, state: steps.TrainState,
   _fetch_metrics(run, p)
   state = run.strategy.sync_batch_stats(state)
   start = time.monotonic()
-  totals = jax.device_get(evaluation.totals(
-      lambda batch: run.strategy.eval_sums(state, batch),
-      run.replicas[0].data.make_eval_iter(), run.config.steps_per_eval))
+  # The EMA weights go through the same compiled eval step (same tree structure).
+  views = {'eval': state}
+  if state.ema:
+    views['eval_ema'] = state.ema_view()
+  totals = {}
+  for prefix, view in views.items():
+    totals[prefix] = jax.device_get(evaluation.totals(
+        lambda batch, view=view: run.strategy.eval_sums(view, batch),
+        run.replicas[0].data.make_eval_iter(), run.config.steps_per_eval))
   seconds = time.monotonic() - start
   epoch = p.step / run.steps_per_epoch
   for r, rep in run.alive():
-    metrics = evaluation.means(run.take(totals, r))
-    rep.eval_metrics = {f'eval/{k}': v for k, v in metrics.items()}
+    rep.eval_metrics = {}
+    for prefix, total in totals.items():
+      rep.eval_metrics.update({f'{prefix}/{k}': v
+                               for k, v in evaluation.means(run.take(total, r)).items()})
+    metrics = {k[len('eval/'):]: v for k, v in rep.eval_metrics.items() if k.startswith('eval/')}
     if not record:
       continue
     rep.log.write({'step': p.step, 'epoch': epoch, 'kind': 'eval', **rep.eval_metrics})
@@ -183,6 +194,11 @@ def _evaluate(run: _Run, p: _Progress, state: steps.TrainState,
                  epoch, metrics['top1'], metrics['top5'], metrics['loss'],
                  metrics['token_ratio'], metrics['energy_mj'], metrics['timesteps'],
                  metrics['count'], seconds)
+    if 'eval_ema/top1' in rep.eval_metrics:
+      logging.info('%seval of the EMA weights: top-1 %.4f top-5 %.4f loss %.4f tokens %.3f',
+                   run.prefix(rep), rep.eval_metrics['eval_ema/top1'],
+                   rep.eval_metrics['eval_ema/top5'], rep.eval_metrics['eval_ema/loss'],
+                   rep.eval_metrics['eval_ema/token_ratio'])
   # Keep eval time out of the throughput.
   p.window_start, p.window_steps = time.monotonic(), 0
   return state
@@ -260,6 +276,7 @@ def _restore(rep: _Replica, fresh: steps.TrainState, stacked: bool,
     rep.start_step, rep.pending = 0, []
     return fresh, None
   host_state, meta, step = restored
+  host_state = steps.complete_restored(host_state, meta.get(checkpoint.MISSING_FIELDS_KEY, []))
   if meta['config'] != run_files.config_json(rep.config):
     logging.warning('Resuming %s with a config that differs from the checkpoint\'s.',
                     rep.workdir)
@@ -313,7 +330,10 @@ def _warm_start(config: ml_collections.ConfigDict, workdir: str,
   trained, _, step = restored
   logging.info('Initialised from step %d of %s (parameters and BatchNorm statistics).', step,
                source)
-  return fresh.replace(params=trained.params, batch_stats=trained.batch_stats)
+  state = fresh.replace(params=trained.params, batch_stats=trained.batch_stats)
+  if state.ema:  # averaging starts at the weights this stage starts from
+    state = state.replace(ema={'params': trained.params, 'batch_stats': trained.batch_stats})
+  return state
 
 
 def _flat(data: Any, prefix: str = '') -> dict[str, Any]:
@@ -407,7 +427,7 @@ def train_and_evaluate_replicas(configs: list[ml_collections.ConfigDict],
       rep.ckpt = checkpoint.Checkpointer(os.path.join(rep.workdir, 'checkpoints'),
                                          max_to_keep=config.keep_checkpoints,
                                          async_save=async_save)
-      state = steps.create_train_state(model, init_key, tx)
+      state = steps.create_train_state(model, init_key, tx, ema=steps.ema_decay(config) > 0)
       if not stacked:  # restore into the strategy's layout (global arrays across processes)
         state = strategy.get_state(strategy.put_state(state))
       fresh.append(state)

@@ -156,9 +156,13 @@ class PmapStrategy(_Strategy):
     return jax.tree.map(split, batch)
 
   def sync_batch_stats(self, state: steps.TrainState) -> steps.TrainState:
+    """Averages the per-device statistics (and their EMA, which is linear in them)."""
     if self.cross_replica:
       return state  # already identical on every device
-    return state.replace(batch_stats=self._pmean(state.batch_stats))
+    if not state.ema:
+      return state.replace(batch_stats=self._pmean(state.batch_stats))
+    batch_stats, ema_stats = self._pmean((state.batch_stats, state.ema['batch_stats']))
+    return state.replace(batch_stats=batch_stats, ema={**state.ema, 'batch_stats': ema_stats})
 
 
 class JitStrategy(_Strategy):

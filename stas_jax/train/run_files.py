@@ -112,7 +112,8 @@ def format_duration(seconds: float) -> str:
 
 
 def format_summary(metrics: dict[str, Any], timesteps: int) -> str:
-  """The end-of-run table: accuracy, token ratio, energy per image, timesteps per token."""
+  """The end-of-run table: accuracy, token ratio, energy per image, timesteps per token (and
+  the EMA weights' accuracy and token ratio, the controller's last offset, where kept)."""
   rows = [('top-1 accuracy', f"{100 * metrics['eval/top1']:.2f} %"),
           ('top-5 accuracy', f"{100 * metrics['eval/top5']:.2f} %"),
           ('token ratio', f"{metrics['eval/token_ratio']:.4f}"),
@@ -121,6 +122,11 @@ def format_summary(metrics: dict[str, Any], timesteps: int) -> str:
           ('test images', f"{int(metrics['eval/count'])}"),
           ('steps', f"{metrics['step']} ({metrics['epoch']:.2f} epochs)"),
           ('wall time', format_duration(metrics['wall_time_s']))]
+  if 'eval_ema/top1' in metrics:
+    rows[2:2] = [('EMA top-1 accuracy', f"{100 * metrics['eval_ema/top1']:.2f} %"),
+                 ('EMA token ratio', f"{metrics['eval_ema/token_ratio']:.4f}")]
+  if 'train/halt_offset' in metrics:
+    rows.insert(-2, ('halt offset (train)', f"{metrics['train/halt_offset']:+.4f}"))
   width = max(len(name) for name, _ in rows)
   lines = ['=' * 44, 'STAS run summary', '-' * 44]
   lines += [f'{name:<{width}}  {value}' for name, value in rows]

@@ -5,6 +5,8 @@ Both strategies of `parallel.py` jit or pmap `train_step` with its `StepContext`
 import dataclasses
 from typing import Any
 
+from absl import logging
+from flax import struct
 from flax.training import train_state
 import jax
 from jax import lax
@@ -18,21 +20,94 @@ from stas_jax.model import network
 
 
 class TrainState(train_state.TrainState):
-  """Flax TrainState plus the BatchNorm running statistics."""
+  """Flax TrainState plus the BatchNorm running statistics and two optional training states.
+
+  Attributes:
+    batch_stats: the BatchNorm running statistics.
+    halt_control: the token-ratio controller's state {'offset': () float32}
+      (`model.halt.target_token_ratio`; `network.HALT_CONTROL`), {} without it. Updated by
+      `train_step` (`control_offset`), never by the optimiser.
+    ema: {'params', 'batch_stats'}, the exponential moving average of both
+      (`config.ema_decay`, `ema_update`), {} without it.
+  """
   batch_stats: Any
+  halt_control: Any = struct.field(default_factory=dict)
+  ema: Any = struct.field(default_factory=dict)
 
   @property
   def variables(self) -> dict[str, Any]:
-    """{'params', 'batch_stats'}: what `model.apply` takes."""
-    return {'params': self.params, 'batch_stats': self.batch_stats}
+    """{'params', 'batch_stats'} (and the controller's state if any): what `model.apply`
+    takes."""
+    variables = {'params': self.params, 'batch_stats': self.batch_stats}
+    if self.halt_control:
+      variables[network.HALT_CONTROL] = self.halt_control
+    return variables
+
+  def ema_view(self) -> 'TrainState':
+    """This state with the EMA weights in place of params and batch_stats, for evaluation (the
+    same tree structure, so compiled eval steps take it as they are)."""
+    if not self.ema:
+      raise ValueError('this state keeps no EMA weights (config.ema_decay = 0)')
+    return self.replace(params=self.ema['params'], batch_stats=self.ema['batch_stats'])
 
 
-def create_train_state(model: network.STAS, rng: jax.Array,
-                       tx: optax.GradientTransformation) -> TrainState:
-  """Fresh, unreplicated state: initial parameters and statistics, zeroed optimiser state."""
+def ema_decay(config: ml_collections.ConfigDict) -> float:
+  """`config.ema_decay` (0 = no EMA), checked to lie in [0, 1)."""
+  decay = config.get('ema_decay', 0.0)
+  if not 0 <= decay < 1:
+    raise ValueError(f'config.ema_decay={decay!r} must lie in [0, 1) (e.g. 0.999), or be 0 to '
+                     'keep no weight EMA')
+  return float(decay)
+
+
+def create_train_state(model: network.STAS, rng: jax.Array, tx: optax.GradientTransformation,
+                       *, ema: bool = False) -> TrainState:
+  """Fresh, unreplicated state: initial parameters and statistics, zeroed optimiser state, a
+  zero controller offset with `model.halt.target_token_ratio`, and with `ema` an EMA equal to
+  the initial parameters and statistics."""
   variables = network.init_variables(model, rng)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                           batch_stats=variables['batch_stats'])
+  params, batch_stats = variables['params'], variables['batch_stats']
+  return TrainState.create(
+      apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats,
+      halt_control=dict(variables.get(network.HALT_CONTROL, {})),
+      ema={'params': params, 'batch_stats': batch_stats} if ema else {})
+
+
+def complete_restored(state: TrainState, missing: list[str] | tuple[str, ...]) -> TrainState:
+  """A state restored from a checkpoint written without some fields (older code, or another
+  config) with those fields started afresh: the controller offset at 0 (as the fresh target
+  gives it) and the EMA at the restored weights.
+
+  Args:
+    state: as `checkpoint.Checkpointer.restore` returns it (missing fields from its target).
+    missing: the names of the fields the checkpoint lacked (`checkpoint.MISSING_FIELDS_KEY`).
+  """
+  if 'ema' in missing and state.ema:
+    logging.info('The checkpoint holds no weight EMA: it starts from the restored weights.')
+    state = state.replace(ema={'params': state.params, 'batch_stats': state.batch_stats})
+  return state
+
+
+def control_offset(offset: jax.Array, token_ratio: jax.Array, target: float,
+                   gain: float) -> jax.Array:
+  """One dual-ascent step of the token-ratio controller: offset + gain * (ratio - target).
+
+  The offset adds to the halting score's beta (`network.STAS.halting_params`): a ratio above
+  the target raises it, so tokens halt earlier and the ratio falls.
+  """
+  return offset + gain * (token_ratio - target)
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+  """The EMA decay of the update after optimiser step `step` (counted from 0): the warm-up
+  min(decay, (1 + step) / (10 + step)), which lets early averages forget the initial weights."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema: Any, new: Any, decay: jax.Array) -> Any:
+  """decay * ema + (1 - decay) * new, leaf by leaf (two pytrees of one structure)."""
+  return jax.tree.map(lambda e, x: decay * e + (1.0 - decay) * x, ema, new)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +166,7 @@ def gradients(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arra
 
   def loss_fn(params):
     (logits, aux), mutated = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+        {**state.variables, 'params': params}, images, train=True,
         mutable=['batch_stats'], **halt_kwargs)
     loss, terms = losses.total_loss(logits, targets, aux, ctx.spec,
                                      energy_weight=energy_weight)
@@ -119,9 +194,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
     axis_name: the pmap axis to average gradients and metrics over; None under jit, where
       the sharded arrays are global and XLA inserts the collectives.
 
+  After the optimiser update, the token-ratio controller (if on) moves its offset by the
+  batch's token ratio (averaged over devices, as logged) and the EMA (if kept) takes in the new
+  parameters and statistics with the decay `ema_decay_at(state.step)`.
+
   Returns:
     (new state, metrics): loss terms, accuracy, token ratio, grad norm, learning rate (and
-    the soft halting-mask temperature when annealed).
+    the soft halting-mask temperature when annealed, the controller's offset 'halt_offset' that
+    this step ran with when controlled).
   """
   grads, aux = gradients(state, batch, base_key, epoch, ctx=ctx, axis_name=axis_name)
   if axis_name is not None:
@@ -137,4 +217,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
       metrics[key] = aux[key]
   if axis_name is not None:
     metrics = lax.pmean(metrics, axis_name)
+  if state.halt_control:
+    hp = ctx.spec.halt
+    offset = state.halt_control['offset']
+    new_state = new_state.replace(halt_control={'offset': control_offset(
+        offset, lax.stop_gradient(metrics['token_ratio']), hp.target_token_ratio,
+        hp.ratio_gain)})
+    metrics['halt_offset'] = offset
+  if state.ema:
+    decay = ema_decay_at(state.step, ema_decay(ctx.config))
+    new_state = new_state.replace(ema=ema_update(
+        state.ema, {'params': new_state.params, 'batch_stats': new_state.batch_stats}, decay))
   return new_state, metrics
