@@ -13,6 +13,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            f" --xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUT_FLAG}"
                            ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Fewer XLA passes, here and in every train.py / ablate / convert subprocess a test starts:
+# compiling is most of the suite's time, and no test is about the optimised program's speed.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 
 import jax  # noqa: E402
 
