@@ -18,7 +18,8 @@ def get_model_config() -> ml_collections.ConfigDict:
   with the `neuron`, `isps` and `halt` sub-specs as nested groups. Among them the token-ratio
   controller: `halt.target_token_ratio` (0 = off; in (0, 1]: the training token ratio it holds
   by moving an offset on the halting score's beta, docs/method.md section 6.1) and
-  `halt.ratio_gain` (the offset's step per unit of ratio error).
+  `halt.ratio_gain` (the offset's step per unit of ratio error), reading the batch's eval-mode
+  ratio (`halt.ratio_source='eval'`) or the training forward's ('train').
   """
   return ml_collections.ConfigDict(dataclasses.asdict(model_spec.ModelSpec()))
 

@@ -1,6 +1,7 @@
 """The token-ratio controller (`model.halt.target_token_ratio`): its update rule by hand, its
 sign, no gradient into its offset, nothing changed when it is off, its config checks, and its
 state through jit, pmap, joint replicas, checkpoints and older run directories."""
+import functools
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from conftest import tiny_model_config
 from stas_jax.model import network
 from stas_jax.model import spec as model_spec
 from stas_jax.train import checkpoint
+from stas_jax.train import evaluation
 from stas_jax.train import loop
 from stas_jax.train import optim
 from stas_jax.train import parallel
@@ -133,20 +135,26 @@ def _fresh(config, ctx, seed=0):
   return steps.create_train_state(model, jax.random.key(seed), tx)
 
 
+def _measured(metrics):
+  """The ratio the controller read: the eval-mode one where logged (ratio_source 'eval')."""
+  return float(metrics.get('token_ratio_eval', metrics['token_ratio']))
+
+
 def _assert_rule(history, offsets):
   """Each step ran with the offset before it and moved it by the rule, from 0."""
   want = 0.0
   for metrics, offset in zip(history, offsets):
     np.testing.assert_allclose(metrics['halt_offset'], want, atol=1e-6)
-    want = want + GAIN * (float(metrics['token_ratio']) - TARGET)
+    want = want + GAIN * (_measured(metrics) - TARGET)
     np.testing.assert_allclose(offset, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('layout,devices', [('jit', 1), ('pmap', 8)])
-def test_train_steps_follow_the_rule(layout, devices):
+@pytest.mark.parametrize('layout,devices,source', [('jit', 1, 'eval'), ('pmap', 8, 'eval'),
+                                                   ('jit', 1, 'train')])
+def test_train_steps_follow_the_rule(layout, devices, source):
   """Three steps: the offset moves by gain x (the step's token ratio, as logged - target);
   under pmap the ratio is the devices' mean and every device holds the same offset."""
-  config = _smoke(parallel=layout)
+  config = _smoke(parallel=layout, **{'model.halt.ratio_source': source})
   ctx = _context(config)
   strategy = parallel.create_strategy(ctx, jax.devices()[:devices])
   state = strategy.put_state(_fresh(config, ctx))
@@ -156,15 +164,41 @@ def test_train_steps_follow_the_rule(layout, devices):
     history.append(strategy.host_metrics(metrics))
     offsets.append(float(jax.device_get(strategy.get_state(state)).halt_control['offset']))
   _assert_rule(history, offsets)
+  assert ('token_ratio_eval' in history[0]) == (source == 'eval')
+  # Not vacuous: the training ratio moves; in eval mode (BatchNorm at its initial running
+  # statistics) every token of this fresh model halts at the same cell, so the offset still moves.
   ratios = [float(m['token_ratio']) for m in history]
-  assert len(set(ratios)) > 1 and 0 < min(ratios) < 1, ratios  # the test is not vacuous
+  assert len(set(ratios)) > 1 and 0 < min(ratios) < 1, ratios
+  assert len(set(offsets)) == 3, offsets
   if layout == 'pmap':
     np.testing.assert_array_equal(np.asarray(state.halt_control['offset']),
                                   np.full(devices, offsets[-1], np.float32))
 
 
+def test_eval_source_reads_the_eval_mode_ratio_of_the_batch():
+  """With ratio_source 'eval' the offset moves by the token ratio that evaluation measures on
+  the step's images (no augmentation here), with the weights and offset before the update."""
+  config = _smoke(parallel='jit', **{'data.crop_padding': 0, 'data.hflip': False,
+                                     'data.mixup_alpha': 0.0})
+  ctx = _context(config)
+  state = _fresh(config, ctx)
+  # beta 3 + offset 1: in eval mode no token halts yet, in train mode some do.
+  state = state.replace(halt_control={'offset': jnp.float32(1.0)})
+  batch = _batches(1, batch_size=16)[0]
+  images, _ = evaluation.model_inputs(batch, ctx)
+  _, aux = evaluation.forward(state.apply_fn, state.variables, images, config)
+  want_ratio = float(jnp.mean(aux['active']))
+  new, metrics = jax.jit(functools.partial(steps.train_step, ctx=ctx))(
+      state, batch, jax.random.key(1), jnp.float32(0))
+  np.testing.assert_allclose(float(metrics['token_ratio_eval']), want_ratio, rtol=1e-5)
+  assert abs(float(metrics['token_ratio']) - want_ratio) > 1e-3  # batch statistics differ
+  np.testing.assert_allclose(float(new.halt_control['offset']),
+                             1.0 + GAIN * (want_ratio - TARGET), rtol=1e-5)
+
+
 def test_joint_replicas_keep_their_own_offsets():
-  config = _smoke(parallel='jit')
+  # The training ratio: in eval mode both fresh replicas read 1.0 and the offsets would agree.
+  config = _smoke(parallel='jit', **{'model.halt.ratio_source': 'train'})
   ctx = _context(config)
   fresh = [_fresh(config, ctx, seed) for seed in (0, 1)]
   batches = [_batches(2, seed) for seed in (0, 1)]
@@ -226,7 +260,7 @@ def test_old_run_resumes_with_the_controller(tmp_path):
     last = [r for r in map(json.loads, f) if r['kind'] == 'train'][-1]
   assert last['step'] == 6
   # Steps 5 and 6 ran with offsets 0 and gain * (r5 - target); the line holds their means.
-  ratios_sum = 2 * last['train/token_ratio']
+  ratios_sum = 2 * last['train/token_ratio_eval']
   with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints')) as ckpt:
     state, _ = ckpt.restore(6, _fresh(config, _context(config)))
   np.testing.assert_allclose(float(state.halt_control['offset']),

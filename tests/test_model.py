@@ -96,7 +96,8 @@ DEFAULT_MODEL_GROUP = {
     'halt': {'mode': 'none', 'eps': 0.01, 'channel': 0, 'gamma': 1.0, 'beta': -3.0,
              'learnable': False, 'soft_mask': False, 'soft_temperature': 0.05,
              'prior': 'act_weight', 'target_cell': 0.75, 'target_sigma': 1.0, 'alpha_p': 5e-4,
-             'alpha_d': 0.1, 'target_token_ratio': 0.0, 'ratio_gain': 0.5},
+             'alpha_d': 0.1, 'target_token_ratio': 0.0, 'ratio_gain': 0.5,
+             'ratio_source': 'eval'},
 }
 
 

@@ -98,6 +98,10 @@ class HaltSpec:
   # the train state's `halt_control`); 0 = off.
   target_token_ratio: float = 0.0
   ratio_gain: float = 0.5         # offset += ratio_gain * (batch token ratio - target) per step
+  # Which token ratio of the step's batch the controller reads: 'eval' (a forward pass in eval
+  # mode, BatchNorm on its running statistics: the ratio inference will have) or 'train' (the
+  # training forward's own, free, but 0.05-0.07 above the test ratio on the demo).
+  ratio_source: str = 'eval'
 
   @property
   def controlled(self) -> bool:
@@ -338,6 +342,9 @@ def _validate_controller(hp: HaltSpec):
   if not hp.ratio_gain > 0:
     raise ValueError(f'model.halt.ratio_gain={hp.ratio_gain!r} must be > 0 (the step of the '
                      'offset per unit of token-ratio error)')
+  if hp.ratio_source not in ('eval', 'train'):
+    raise ValueError(f"model.halt.ratio_source={hp.ratio_source!r}: use 'eval' (the eval-mode "
+                     "token ratio of the training batch) or 'train' (the training forward's)")
 
 
 def _validate_backbone(s: ModelSpec):

@@ -152,6 +152,8 @@ def _log_train(run: _Run, p: _Progress) -> None:
     energy = f' energy {t["train/energy"]:.2f} uJ' if 'train/energy' in t else ''
     if 'train/halt_offset' in t:
       energy += f' halt offset {t["train/halt_offset"]:+.3f}'
+    if 'train/token_ratio_eval' in t:
+      energy += f' tokens in eval mode {t["train/token_ratio_eval"]:.3f}'
     logging.info(
         '%sstep %d/%d (epoch %.2f): loss %.4f (ce %.4f ponder %.3f dist %.3f%s) acc %.3f '
         'tokens %.3f lr %.2e | %.1f img/s, ETA %s', run.prefix(rep), p.step, run.total_steps,

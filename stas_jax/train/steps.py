@@ -98,6 +98,15 @@ def control_offset(offset: jax.Array, token_ratio: jax.Array, target: float,
   return offset + gain * (token_ratio - target)
 
 
+def eval_token_ratio(state: TrainState, images: jax.Array, soft_mask: bool) -> jax.Array:
+  """The token ratio of `images` in eval mode (BatchNorm on its running statistics, the hard
+  halting mask) with the state's weights and offset: what evaluation and inference will see,
+  which the training forward's ratio (batch statistics) overstates."""
+  hard = {'halt_temperature': 0.0} if soft_mask else {}
+  _, aux = state.apply_fn(state.variables, lax.stop_gradient(images), train=False, **hard)
+  return jnp.mean(aux['active'])
+
+
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
   """The EMA decay of the update after optimiser step `step` (counted from 0): the warm-up
   min(decay, (1 + step) / (10 + step)), which lets early averages forget the initial weights."""
@@ -173,7 +182,8 @@ def gradients(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arra
     return loss, (terms, logits, aux['active'], mutated['batch_stats'])
 
   grads, (terms, logits, active, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-  aux = {'terms': terms, 'logits': logits, 'active': active, 'batch_stats': batch_stats}
+  aux = {'terms': terms, 'logits': logits, 'active': active, 'batch_stats': batch_stats,
+         'images': images}
   aux.update(halt_kwargs)
   if ctx.energy_weight is not None:
     aux['energy_weight'] = energy_weight
@@ -195,7 +205,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
       the sharded arrays are global and XLA inserts the collectives.
 
   After the optimiser update, the token-ratio controller (if on) moves its offset by the
-  batch's token ratio (averaged over devices, as logged) and the EMA (if kept) takes in the new
+  batch's token ratio (`model.halt.ratio_source`: in eval mode by default, logged as
+  'token_ratio_eval', or the training forward's; averaged over devices) and the EMA (if kept) takes in the new
   parameters and statistics with the decay `ema_decay_at(state.step)`.
 
   Returns:
@@ -220,9 +231,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
   if state.halt_control:
     hp = ctx.spec.halt
     offset = state.halt_control['offset']
+    ratio = metrics['token_ratio']
+    if hp.ratio_source == 'eval':
+      ratio = eval_token_ratio(state, aux['images'], hp.soft_mask)
+      if axis_name is not None:
+        ratio = lax.pmean(ratio, axis_name)
+      metrics['token_ratio_eval'] = ratio
     new_state = new_state.replace(halt_control={'offset': control_offset(
-        offset, lax.stop_gradient(metrics['token_ratio']), hp.target_token_ratio,
-        hp.ratio_gain)})
+        offset, lax.stop_gradient(ratio), hp.target_token_ratio, hp.ratio_gain)})
     metrics['halt_offset'] = offset
   if state.ema:
     decay = ema_decay_at(state.step, ema_decay(ctx.config))
