@@ -100,7 +100,7 @@ class HaltSpec:
   ratio_gain: float = 0.5         # offset += ratio_gain * (batch token ratio - target) per step
   # Which token ratio of the step's batch the controller reads: 'eval' (a forward pass in eval
   # mode, BatchNorm on its running statistics: the ratio inference will have) or 'train' (the
-  # training forward's own, free, but 0.05-0.07 above the test ratio on the demo).
+  # training forward's own, free, but 0.04-0.07 above the test ratio on the demo).
   ratio_source: str = 'eval'
 
   @property

@@ -101,7 +101,8 @@ def control_offset(offset: jax.Array, token_ratio: jax.Array, target: float,
 def eval_token_ratio(state: TrainState, images: jax.Array, soft_mask: bool) -> jax.Array:
   """The token ratio of `images` in eval mode (BatchNorm on its running statistics, the hard
   halting mask) with the state's weights and offset: what evaluation and inference will see,
-  which the training forward's ratio (batch statistics) overstates."""
+  which the training forward's ratio (batch statistics) overstates. The soft-mask switch is
+  `evaluation.forward`'s, restated here because evaluation imports this module."""
   hard = {'halt_temperature': 0.0} if soft_mask else {}
   _, aux = state.apply_fn(state.variables, lax.stop_gradient(images), train=False, **hard)
   return jnp.mean(aux['active'])
@@ -206,8 +207,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Arr
 
   After the optimiser update, the token-ratio controller (if on) moves its offset by the
   batch's token ratio (`model.halt.ratio_source`: in eval mode by default, logged as
-  'token_ratio_eval', or the training forward's; averaged over devices) and the EMA (if kept) takes in the new
-  parameters and statistics with the decay `ema_decay_at(state.step)`.
+  'token_ratio_eval', or the training forward's; averaged over devices) and the EMA (if kept)
+  takes in the new parameters and statistics with the decay `ema_decay_at(state.step)`.
 
   Returns:
     (new state, metrics): loss terms, accuracy, token ratio, grad norm, learning rate (and
